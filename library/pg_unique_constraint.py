@@ -1,0 +1,515 @@
+#!/usr/bin/python
+"""Ansible module pg_unique_constraint: ensure a UNIQUE constraint over a column set exists (or not)."""
+
+from __future__ import annotations
+
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_pg import (
+    check_columns,
+    connect,
+    error_text,
+    find_equivalent_unique,
+    fit_name,
+    get_table,
+    lock_holders,
+    pg_common_argument_spec,
+    psycopg2,
+    qualified,
+    server_version_num,
+    sql,
+    validate_identifier,
+)
+
+DOCUMENTATION = r"""
+---
+module: pg_unique_constraint
+short_description: Ensure a UNIQUE constraint over a column set is present or absent (idempotent by meaning)
+description:
+  - C(state=present) is idempotent by meaning, not by name. An existing valid UNIQUE constraint, or a
+    valid unique index without predicate or expression, whose key column set equals C(columns) in any
+    order (as C(ON CONFLICT) inference sees it) counts as present and nothing is added beside it.
+  - When a key column is nullable, the equivalent must also have the same C(NULLS NOT DISTINCT) setting.
+  - Before any DDL it checks for duplicates (as the constraint would see them) and fails with their count
+    and sample keys.
+  - With C(concurrently), builds C(CREATE UNIQUE INDEX CONCURRENTLY) then
+    C(ALTER TABLE ... ADD CONSTRAINT ... UNIQUE USING INDEX). An INVALID index of that name left by an
+    interrupted build is detected, dropped and rebuilt; it never counts as present.
+  - Each DDL attempt runs with C(lock_timeout); on a lock timeout it retries up to C(retries) times,
+    then fails naming the sessions holding locks on the table.
+  - C(state=absent) drops only the UNIQUE constraint called C(name), and only if it exists.
+  - Check mode runs no DDL at all (catalog reads only) and reports the C(action) it would take.
+    Supports C(--diff).
+version_added: "1.0.0"
+author: dedup-rollout
+options:
+  login_host:
+    description:
+      - Host name or IP, or a unix socket directory (a value starting with C(/)).
+      - Empty means the libpq default (C(PGHOST), then the default socket).
+    type: str
+    default: ""
+    aliases: [host, db_host]
+  login_port:
+    description: Port; unset means C(PGPORT) or 5432.
+    type: int
+    aliases: [port, db_port]
+  login_db:
+    description: Database; unset means C(PGDATABASE) or the user name.
+    type: str
+    aliases: [db, database, db_name]
+  login_user:
+    description: Role to connect as; unset means C(PGUSER) or the OS user.
+    type: str
+    aliases: [user, db_user]
+  login_password:
+    description: Password; unset means C(PGPASSWORD) or C(~/.pgpass). Never shown in output.
+    type: str
+    aliases: [password, db_password]
+  ssl_mode:
+    description: libpq sslmode.
+    type: str
+    default: prefer
+    choices: [disable, allow, prefer, require, verify-ca, verify-full]
+    aliases: [sslmode]
+  connect_timeout:
+    description: Seconds to wait for the connection (0 = wait forever).
+    type: int
+    default: 10
+  schema:
+    description: Schema of the table.
+    type: str
+    default: public
+  table:
+    description: The table.
+    type: str
+    required: true
+  columns:
+    description: The key columns (order is used for a new constraint; any order matches an existing one).
+    type: list
+    elements: str
+    required: true
+  state:
+    description: Whether the constraint should exist.
+    type: str
+    choices: [present, absent]
+    default: present
+  name:
+    description:
+      - Constraint name. Default C(<table>_<col1>_<col2>_key), shortened to 63 bytes with a hash suffix.
+      - Required for C(state=absent).
+    type: str
+  nulls_not_distinct:
+    description: Create the constraint C(NULLS NOT DISTINCT) (PostgreSQL 15+; fails clearly on older servers).
+    type: bool
+    default: false
+  concurrently:
+    description: Build the index with C(CREATE UNIQUE INDEX CONCURRENTLY), then attach it as the constraint.
+    type: bool
+    default: false
+  lock_timeout:
+    description: C(lock_timeout) for each DDL attempt (PostgreSQL interval text, e.g. C(5s)).
+    type: str
+    default: 5s
+  retries:
+    description: Extra attempts after a lock timeout.
+    type: int
+    default: 5
+  retry_delay:
+    description: Seconds between attempts.
+    type: float
+    default: 2
+  statement_timeout:
+    description: C(statement_timeout) for each DDL statement (C(0) = none).
+    type: str
+    default: "0"
+notes:
+  - Needs psycopg2 on the target. Supports check mode and diff mode.
+"""
+
+EXAMPLES = r"""
+- name: Ensure task_requirements has a UNIQUE constraint on its natural key
+  pg_unique_constraint:
+    login_host: "{{ dedup_db_host }}"
+    login_db: "{{ dedup_db_name }}"
+    login_user: "{{ dedup_db_user }}"
+    login_password: "{{ dedup_db_password }}"
+    schema: breezeway
+    table: task_requirements
+    columns: [task_pk, requirement_id]
+    concurrently: true
+    lock_timeout: 5s
+    retries: 5
+  no_log: true
+
+- name: Remove the constraint again (rollback)
+  pg_unique_constraint:
+    login_db: breezeway
+    schema: breezeway
+    table: task_requirements
+    columns: [task_pk, requirement_id]
+    name: task_requirements_task_pk_requirement_id_key
+    state: absent
+"""
+
+RETURN = r"""
+
+
+name:
+  description: The constraint (or equivalent index) name in effect.
+  returned: always
+  type: str
+action:
+  description: What was done (or would be done in check mode).
+  returned: always
+  type: str
+  sample: created
+  choices: [created, created_concurrently, attached_index, rebuilt_invalid_index, dropped, none]
+existing:
+  description: The equivalent constraint/index found before the run (name, type, definition, valid), or null.
+  returned: always
+  type: dict
+queries:
+  description: The SQL statements executed (empty in check mode).
+  returned: always
+  type: list
+  elements: str
+nulls_not_distinct:
+  description: The NULLS NOT DISTINCT setting of the constraint in effect (or requested).
+  returned: always
+  type: bool
+nullable_columns:
+  description: Key columns without NOT NULL.
+  returned: always
+  type: list
+duplicates:
+  description: Duplicate rows/groups found before DDL (state=present).
+  returned: when state=present
+  type: dict
+"""
+
+
+LOCK_NOT_AVAILABLE = "55P03"
+UNIQUE_VIOLATION = "23505"
+
+
+class UniqueConstraint:
+    def __init__(self, module):
+        self.module = module
+        p = module.params
+        self.schema = validate_identifier(p["schema"], "schema", module)
+        self.table = validate_identifier(p["table"], "table", module)
+        self.columns = [validate_identifier(c, "column", module) for c in p["columns"]]
+        default_name = fit_name("_".join([self.table, *self.columns, "key"]))
+        self.name = validate_identifier(p["name"] or default_name, "constraint", module)
+        self.queries = []
+        self.conn = None
+        self.cur = None
+
+    # ------------------------------------------------------------------ helpers
+    def fail(self, msg, **kw):
+        self.module.fail_json(msg=msg, queries=self.queries, **kw)
+
+    def sqltext(self, query):
+        return query.as_string(self.conn) if hasattr(query, "as_string") else str(query)
+
+    def run_ddl(self, statements, in_transaction=True):
+        """Run statements, each attempt with lock_timeout; retry on lock timeout; fail naming blockers."""
+        p = self.module.params
+        attempts = max(0, p["retries"]) + 1
+        last = None
+        for attempt in range(1, attempts + 1):
+            try:
+                if in_transaction:
+                    self.conn.autocommit = False
+                    with self.conn.cursor() as cur:
+                        cur.execute("SELECT set_config('lock_timeout', %s, true)", (p["lock_timeout"],))
+                        cur.execute("SELECT set_config('statement_timeout', %s, true)", (p["statement_timeout"],))
+                        for stmt in statements:
+                            cur.execute(stmt)
+                    self.conn.commit()
+                else:
+                    self.conn.autocommit = True
+                    with self.conn.cursor() as cur:
+                        cur.execute("SELECT set_config('lock_timeout', %s, false)", (p["lock_timeout"],))
+                        cur.execute("SELECT set_config('statement_timeout', %s, false)", (p["statement_timeout"],))
+                        try:
+                            for stmt in statements:
+                                cur.execute(stmt)
+                        finally:
+                            cur.execute("RESET lock_timeout; RESET statement_timeout")
+                self.queries.extend(self.sqltext(s) for s in statements)
+                return
+            except psycopg2.Error as exc:
+                if not self.conn.autocommit:
+                    self.conn.rollback()
+                if getattr(exc, "pgcode", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                last = exc
+                if attempt < attempts:
+                    time.sleep(max(0.0, p["retry_delay"]))
+                    if not in_transaction:
+                        self.drop_invalid_leftover()
+        self.conn.autocommit = True
+        with self.conn.cursor() as cur:
+            holders = lock_holders(cur, self.info["oid"])
+        who = "; ".join(
+            "pid {} ({}, {}, {}{}): {}".format(h["pid"], h["user"], h["state"], h["mode"],
+                                          "" if h["granted"] else " waiting", h["query"])
+            for h in holders
+        ) or "none visible now (they may have finished)"
+        self.fail(
+            f'could not lock table "{self.schema}"."{self.table}" within lock_timeout={p["lock_timeout"]} after '
+            f"{attempts} attempts ({p['retry_delay']} s apart); sessions holding or waiting for locks on it: {who}. "
+            f"Last error: {error_text(last, self.module)}",
+            blocking=holders,
+        )
+
+    def invalid_leftover(self):
+        """An INVALID index named like our constraint on this table (left by an interrupted build)."""
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT ic.relname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid "
+                "WHERE i.indrelid = %s AND ic.relname = %s AND NOT (i.indisvalid AND i.indisready)",
+                (self.info["oid"], self.name),
+            )
+            return cur.fetchone() is not None
+
+    def drop_invalid_leftover(self):
+        if self.invalid_leftover():
+            stmt = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qualified(self.schema, self.name))
+            self.conn.autocommit = True
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT set_config('lock_timeout', %s, false)", (self.module.params["lock_timeout"],))
+                try:
+                    cur.execute(stmt)
+                finally:
+                    cur.execute("RESET lock_timeout")
+            self.queries.append(self.sqltext(stmt))
+            return True
+        return False
+
+    def relation_named(self, name):
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT c.relkind, c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+                (self.schema, name),
+            )
+            return cur.fetchone()
+
+    def constraint_named(self, name):
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT con.contype, pg_catalog.pg_get_constraintdef(con.oid), con.conrelid = %s "
+                "FROM pg_catalog.pg_constraint con JOIN pg_catalog.pg_namespace n ON n.oid = con.connamespace "
+                "WHERE n.nspname = %s AND con.conname = %s ORDER BY 3 DESC",
+                (self.info["oid"], self.schema, name),
+            )
+            return cur.fetchone()
+
+    def duplicates(self, nulls_not_distinct):
+        """Duplicate groups as the constraint would see them: one scan, a few sample keys."""
+        cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
+        where = sql.SQL("")
+        if not nulls_not_distinct:
+            where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(
+                sql.SQL("{} IS NOT NULL").format(sql.Identifier(c)) for c in self.columns)
+        sample = sql.SQL("json_build_object({})").format(sql.SQL(", ").join(
+            sql.SQL("{}, {}::text").format(sql.Literal(c), sql.Identifier(c)) for c in self.columns))
+        query = sql.SQL(
+            "SELECT count(*) OVER (), sum(n) OVER () - count(*) OVER (), k FROM ("
+            "SELECT count(*) AS n, {sample} AS k FROM {tbl}{where} GROUP BY {cols} HAVING count(*) > 1) d "
+            "ORDER BY n DESC LIMIT 5"
+        ).format(sample=sample, tbl=qualified(self.schema, self.table), where=where, cols=cols)
+        with self.conn.cursor() as cur:
+            cur.execute(query)
+            rows = cur.fetchall()
+        if not rows:
+            return {"groups": 0, "rows": 0, "samples": []}
+        return {"groups": int(rows[0][0]), "rows": int(rows[0][1]), "samples": [r[2] for r in rows]}
+
+    # ------------------------------------------------------------------ main logic
+    def run(self):
+        m = self.module
+        p = m.params
+        self.conn = connect(m, autocommit=True, application_name="pg_unique_constraint")
+        try:
+            with self.conn.cursor() as cur:
+                self.version = server_version_num(cur)
+                self.info = get_table(cur, self.schema, self.table, m)
+            check_columns(self.info, self.columns, m, what="column")
+            if p["nulls_not_distinct"] and self.version < 150000:
+                self.fail(f"nulls_not_distinct needs PostgreSQL 15 or later; this server is "
+                          f"{self.version // 10000}.{self.version % 10000}")
+            if p["state"] == "absent":
+                return self.absent()
+            return self.present()
+        finally:
+            self.conn.close()
+
+    def absent(self):
+        m = self.module
+        if not m.params["name"]:
+            self.fail("state=absent needs name: the constraint to drop (nothing is dropped by guess)")
+        found = self.constraint_named(self.name)
+        if found is None or not found[2]:
+            return dict(changed=False, name=self.name, action="none", existing=None, queries=[],
+                        nulls_not_distinct=m.params["nulls_not_distinct"])
+        contype, definition = found[0], found[1]
+        if contype != "u":
+            self.fail(f'constraint "{self.name}" on "{self.schema}"."{self.table}" is not a UNIQUE constraint '
+                      f"({definition}); refusing to drop it")
+        existing = {"name": self.name, "type": "constraint", "definition": definition, "valid": True}
+        result = dict(changed=True, name=self.name, action="dropped", existing=existing, queries=[],
+                      nulls_not_distinct="NULLS NOT DISTINCT" in definition)
+        if m._diff:
+            result["diff"] = {"before": f"{self.name}: {definition}\n", "after": ""}
+        if m.check_mode:
+            return result
+        stmt = sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            qualified(self.schema, self.table), sql.Identifier(self.name))
+        self.run_ddl([stmt])
+        result["queries"] = self.queries
+        return result
+
+    def present(self):
+        m = self.module
+        p = m.params
+        want_nnd = bool(p["nulls_not_distinct"])
+        nullable = [c["name"] for c in self.info["columns"] if c["name"] in self.columns and not c["not_null"]]
+        with self.conn.cursor() as cur:
+            candidates = find_equivalent_unique(cur, self.info["oid"], self.columns)
+        equivalent = None
+        for cand in candidates:
+            if not cand["usable"]:
+                continue
+            if nullable and cand["nulls_not_distinct"] != want_nnd:
+                m.warn("{} {} covers the same columns but NULLS {}DISTINCT differs from the request; "
+                       "it does not count as equivalent because key columns {} are nullable".format(
+                           cand["type"], cand["name"], "NOT " if cand["nulls_not_distinct"] else "",
+                           ", ".join(nullable)))
+                continue
+            equivalent = cand
+            break
+        for cand in candidates:
+            if not cand["usable"] and cand["index_name"] != self.name:
+                m.warn("ignored unusable unique index {} (valid={}, partial={}, expression={}): {}".format(
+                    cand["index_name"], cand["valid"], cand["partial"], cand["expression"], cand["index_definition"]))
+        base = dict(nullable_columns=nullable, table=self.table, schema=self.schema, columns=self.columns)
+        if equivalent is not None:
+            existing = {k: equivalent[k] for k in ("name", "type", "definition", "valid", "index_name",
+                                                   "nulls_not_distinct", "columns")}
+            result = dict(changed=False, name=equivalent["name"], action="none", existing=existing, queries=[],
+                          nulls_not_distinct=equivalent["nulls_not_distinct"], **base)
+            if m._diff:
+                text = "{}: {}\n".format(equivalent["name"], equivalent["definition"])
+                result["diff"] = {"before": text, "after": text}
+            return result
+
+        leftover = self.invalid_leftover()
+        clash = self.relation_named(self.name)
+        if clash is not None and not leftover:
+            self.fail(f'a relation named "{self.name}" already exists in schema "{self.schema}" and is not an '
+                      f"equivalent UNIQUE constraint/index on {self.table}; choose another name")
+        clash = self.constraint_named(self.name)
+        if clash is not None:
+            self.fail(f'a constraint named "{self.name}" already exists in schema "{self.schema}" ({clash[1]}) and '
+                      "is not equivalent; choose another name")
+
+        dups = self.duplicates(want_nnd)
+        base["duplicates"] = dups
+        if dups["groups"]:
+            msg = (f'"{self.schema}"."{self.table}" still has {dups["rows"]} duplicate rows in {dups["groups"]} '
+                   f"groups over ({', '.join(self.columns)}); deduplicate first. Sample keys: {dups['samples']}")
+            if not m.check_mode:
+                self.fail(msg, duplicates=dups)
+            m.warn("check mode: " + msg)
+
+        nnd_sql = sql.SQL(" NULLS NOT DISTINCT") if want_nnd else sql.SQL("")
+        cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
+        definition = "UNIQUE{} ({})".format(" NULLS NOT DISTINCT" if want_nnd else "",
+                                        ", ".join(sql.Identifier(c).as_string(self.conn) for c in self.columns))
+        if leftover:
+            action = "rebuilt_invalid_index"
+        elif p["concurrently"]:
+            action = "created_concurrently"
+        else:
+            action = "created"
+        existing = None
+        for cand in candidates:
+            if leftover and cand["index_name"] == self.name:
+                existing = {"name": self.name, "type": "index", "definition": cand["index_definition"],
+                            "valid": False}
+        result = dict(changed=True, name=self.name, action=action, existing=existing, queries=[],
+                      nulls_not_distinct=want_nnd, **base)
+        if m._diff:
+            result["diff"] = {"before": "", "after": f"{self.name}: {definition}\n"}
+        if m.check_mode:
+            return result
+
+        tbl = qualified(self.schema, self.table)
+        try:
+            if p["concurrently"]:
+                self.drop_invalid_leftover()
+                create = sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({}){}").format(
+                    sql.Identifier(self.name), tbl, cols, nnd_sql)
+                self.run_ddl([create], in_transaction=False)
+                attach = sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
+                    tbl, sql.Identifier(self.name), sql.Identifier(self.name))
+                self.run_ddl([attach])
+            else:
+                stmts = []
+                if leftover:
+                    stmts.append(sql.SQL("DROP INDEX IF EXISTS {}").format(qualified(self.schema, self.name)))
+                stmts.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE{} ({})").format(
+                    tbl, sql.Identifier(self.name), nnd_sql, cols))
+                self.run_ddl(stmts)
+        except psycopg2.Error as exc:
+            if p["concurrently"]:
+                try:
+                    self.drop_invalid_leftover()
+                except psycopg2.Error:
+                    pass
+            hint = ""
+            if getattr(exc, "pgcode", None) == UNIQUE_VIOLATION:
+                hint = " (duplicates appeared after the check: is the ETL still running?)"
+            self.fail(f'adding UNIQUE ({", ".join(self.columns)}) to "{self.schema}"."{self.table}" failed{hint}: '
+                      f"{error_text(exc, m)}")
+        result["queries"] = self.queries
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_catalog.pg_get_constraintdef(oid) FROM pg_catalog.pg_constraint "
+                "WHERE conrelid = %s AND conname = %s", (self.info["oid"], self.name))
+            row = cur.fetchone()
+        if row and m._diff:
+            result["diff"]["after"] = f"{self.name}: {row[0]}\n"
+        result["definition"] = row[0] if row else definition
+        return result
+
+
+def main():
+    argument_spec = pg_common_argument_spec()
+    argument_spec.update(
+        schema=dict(type="str", default="public"),
+        table=dict(type="str", required=True),
+        columns=dict(type="list", elements="str", required=True),
+        state=dict(type="str", choices=["present", "absent"], default="present"),
+        name=dict(type="str"),
+        nulls_not_distinct=dict(type="bool", default=False),
+        concurrently=dict(type="bool", default=False),
+        lock_timeout=dict(type="str", default="5s"),
+        retries=dict(type="int", default=5),
+        retry_delay=dict(type="float", default=2),
+        statement_timeout=dict(type="str", default="0"),
+    )
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    if not module.params["columns"]:
+        module.fail_json(msg="columns must list at least one column")
+    result = UniqueConstraint(module).run()
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""Shared PostgreSQL code for the dedup-rollout modules (pg_duplicates, pg_unique_constraint).
+
+One way to connect (libpq semantics: unset options fall back to PG* variables and ~/.pgpass),
+DBA-readable connection errors that never carry the password, identifier validation, catalog
+look-ups (tables, columns, keys, foreign keys, triggers, equivalent unique constraints/indexes).
+All SQL is composed with psycopg2.sql; nothing is string-formatted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+try:
+    import psycopg2
+    import psycopg2.errors  # noqa: F401  (exposes psycopg2.errors.* lookups)
+    from psycopg2 import sql
+
+    HAS_PSYCOPG2 = True
+    PSYCOPG2_IMPORT_ERROR = None
+except ImportError as exc:  # pragma: no cover - exercised only on hosts without psycopg2
+    psycopg2 = None
+    sql = None
+    HAS_PSYCOPG2 = False
+    PSYCOPG2_IMPORT_ERROR = exc
+
+MAX_IDENTIFIER_BYTES = 63
+SQL_LOOKING = (";", "--", "/*", "*/", "\n", "\r")
+SSL_MODES = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+APP_PREFIX = "dedup-rollout/"
+
+
+class DedupPgError(Exception):
+    """A problem the caller reports with fail_json (message is DBA-readable, secret-free)."""
+
+
+# --------------------------------------------------------------------------- connection
+
+
+def pg_common_argument_spec():
+    """Connection options shared by the database modules (unset = libpq default / PG* env / .pgpass)."""
+    return dict(
+        login_host=dict(type="str", default="", aliases=["host", "db_host"]),
+        login_port=dict(type="int", aliases=["port", "db_port"]),
+        login_db=dict(type="str", aliases=["db", "database", "db_name"]),
+        login_user=dict(type="str", aliases=["user", "db_user"]),
+        login_password=dict(type="str", no_log=True, aliases=["password", "db_password"]),
+        ssl_mode=dict(type="str", default="prefer", aliases=["sslmode"], choices=SSL_MODES),
+        connect_timeout=dict(type="int", default=10),
+    )
+
+
+def scrub(text, secret, replacement="********"):
+    """Return ``text`` with every occurrence of ``secret`` replaced (no-op for an empty secret)."""
+    if text is None:
+        return text
+    text = str(text)
+    if secret:
+        text = text.replace(str(secret), replacement)
+    return text
+
+
+def conn_params(params):
+    """psycopg2.connect() keyword arguments: only what is set, so libpq applies PG*/.pgpass for the rest."""
+    out = {}
+    host = params.get("login_host")
+    if host:
+        out["host"] = host
+    if params.get("login_port"):
+        out["port"] = int(params["login_port"])
+    if params.get("login_db"):
+        out["dbname"] = params["login_db"]
+    if params.get("login_user"):
+        out["user"] = params["login_user"]
+    if params.get("login_password"):
+        out["password"] = params["login_password"]
+    if params.get("ssl_mode"):
+        out["sslmode"] = params["ssl_mode"]
+    if params.get("connect_timeout") is not None and int(params["connect_timeout"]) > 0:
+        out["connect_timeout"] = int(params["connect_timeout"])
+    return out
+
+
+def _where(kw):
+    host = kw.get("host") or "(libpq default host / PGHOST)"
+    port = kw.get("port") or "(default port / PGPORT)"
+    if str(host).startswith("/"):
+        where = f"unix socket in {host} port {port}"
+    else:
+        where = f"{host}:{port}"
+    return where
+
+
+def describe_connect_error(exc, kw):
+    """Turn a libpq connection failure into a sentence a DBA can act on (password scrubbed)."""
+    secret = kw.get("password")
+    raw = scrub(str(exc).strip(), secret)
+    low = raw.lower()
+    where = _where(kw)
+    user = kw.get("user") or "(default user / PGUSER)"
+    db = kw.get("dbname") or "(default database / PGDATABASE)"
+    if "password authentication failed" in low or "authentication failed" in low:
+        head = (f"authentication failed for user {user} at {where}: wrong password or user "
+                "(check login_password, PGPASSWORD or ~/.pgpass)")
+    elif "no password supplied" in low or "fe_sendauth" in low:
+        head = (f"the server at {where} requires a password for user {user} and none was given "
+                "(set login_password, PGPASSWORD or ~/.pgpass)")
+    elif "does not exist" in low and "database" in low:
+        head = f"database {db} does not exist on the server at {where}"
+    elif "role" in low and "does not exist" in low:
+        head = f"role (user) {user} does not exist on the server at {where}"
+    elif "could not translate host name" in low or "name or service not known" in low:
+        head = "unknown host: {} cannot be resolved".format(kw.get("host"))
+    elif "connection refused" in low:
+        head = (f"cannot reach PostgreSQL at {where}: connection refused (server down, wrong port, "
+                "or not listening on that address)")
+    elif "timeout expired" in low or "timed out" in low:
+        head = "cannot reach PostgreSQL at {}: connection timed out after {}s".format(where, kw.get("connect_timeout"))
+    elif "no such file or directory" in low:
+        head = f"cannot reach PostgreSQL at {where}: no server socket there"
+    elif "no pg_hba.conf entry" in low:
+        head = f"the server at {where} refuses user {user} / database {db} (no pg_hba.conf entry)"
+    elif "ssl" in low:
+        head = "SSL negotiation with {} failed (ssl_mode={})".format(where, kw.get("sslmode"))
+    else:
+        head = f"cannot connect to PostgreSQL at {where} as {user}, database {db}"
+    return f"{head}. libpq said: {raw}"
+
+
+def connect(module, autocommit=False, application_name=None, readonly=False):
+    """Connect with the module's connection options; fail_json with a readable, secret-free message."""
+    if not HAS_PSYCOPG2:
+        module.fail_json(msg=f"the python psycopg2 library is required on the target: {PSYCOPG2_IMPORT_ERROR}")
+    kw = conn_params(module.params)
+    name = application_name or getattr(module, "_name", None) or "module"
+    kw["application_name"] = (APP_PREFIX + str(name))[:63]
+    try:
+        conn = psycopg2.connect(**kw)
+    except psycopg2.Error as exc:
+        module.fail_json(msg=describe_connect_error(exc, kw))
+    except Exception as exc:  # e.g. invalid DSN values
+        module.fail_json(msg="cannot connect to PostgreSQL: {}".format(scrub(exc, kw.get("password"))))
+    if readonly:
+        conn.set_session(readonly=True)
+    conn.autocommit = autocommit
+    return conn
+
+
+def error_text(exc, module=None):
+    """Error text of a psycopg2 exception, with the module's password scrubbed."""
+    secret = module.params.get("login_password") if module is not None else None
+    msg = getattr(exc, "pgerror", None) or str(exc)
+    return scrub(msg.strip(), secret)
+
+
+def server_version_num(cur):
+    cur.execute("SELECT current_setting('server_version_num')::int")
+    return cur.fetchone()[0]
+
+
+# --------------------------------------------------------------------------- identifiers
+
+
+def _fail(module, msg):
+    if module is not None:
+        module.fail_json(msg=msg)
+    raise DedupPgError(msg)
+
+
+def validate_identifier(name, what, module=None):
+    """Refuse names that cannot be PostgreSQL identifiers or look like SQL; return the name unchanged.
+
+    Quotes, spaces, upper case and reserved words are legal: they are quoted with sql.Identifier.
+    """
+    if not isinstance(name, str) or name == "":
+        return _fail(module, f"{what} name is empty or not a string: {name!r}")
+    if "\x00" in name:
+        return _fail(module, f"{what} name {name!r} contains a NUL byte")
+    for token in SQL_LOOKING:
+        if token in name:
+            return _fail(module, f"{what} name {name!r} looks like SQL (contains {token!r}): refused; "
+                                 f"give the plain name of the {what} as it appears in the catalog")
+    if len(name.encode("utf-8")) > MAX_IDENTIFIER_BYTES:
+        return _fail(module, f"{what} name {name!r} is longer than PostgreSQL's "
+                             f"{MAX_IDENTIFIER_BYTES}-byte identifier limit")
+    return name
+
+
+def qualified(schema, table):
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+
+
+def fit_name(name, limit=MAX_IDENTIFIER_BYTES):
+    """Shorten ``name`` to ``limit`` bytes with a short hash suffix when it is too long."""
+    if len(name.encode("utf-8")) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    keep = name.encode("utf-8")[: limit - len(digest) - 1].decode("utf-8", "ignore")
+    return f"{keep}_{digest}"
+
+
+def _truncated_list(items, limit=20):
+    items = list(items)
+    if not items:
+        return "(none)"
+    shown = ", ".join(items[:limit])
+    if len(items) > limit:
+        shown += f", ... ({len(items) - limit} more)"
+    return shown
+
+
+RELKIND_NAMES = {
+    "r": "table", "p": "partitioned table", "v": "view", "m": "materialized view", "i": "index",
+    "S": "sequence", "f": "foreign table", "c": "composite type", "t": "TOAST table", "I": "partitioned index",
+}
+
+
+def get_table(cur, schema, table, module=None, refuse_partitioned=False, refuse_inheritance=False):
+    """Look a table up in the catalog; fail naming what is missing. Returns a dict describing it."""
+    validate_identifier(schema, "schema", module)
+    validate_identifier(table, "table", module)
+    cur.execute("SELECT current_database()")
+    dbname = cur.fetchone()[0]
+    cur.execute("SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = %s", (schema,))
+    row = cur.fetchone()
+    if row is None:
+        cur.execute(
+            "SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname !~ '^pg_' "
+            "AND nspname <> 'information_schema' ORDER BY 1"
+        )
+        names = [r[0] for r in cur.fetchall()]
+        return _fail(module, f'schema "{schema}" does not exist in database "{dbname}"; '
+                             f"schemas that exist: {_truncated_list(names)}")
+    nsp_oid = row[0]
+    cur.execute(
+        "SELECT c.oid, c.relkind, c.relispartition FROM pg_catalog.pg_class c "
+        "WHERE c.relnamespace = %s AND c.relname = %s",
+        (nsp_oid, table),
+    )
+    row = cur.fetchone()
+    if row is None:
+        cur.execute(
+            "SELECT relname FROM pg_catalog.pg_class WHERE relnamespace = %s AND relkind IN ('r', 'p') "
+            "ORDER BY 1",
+            (nsp_oid,),
+        )
+        names = [r[0] for r in cur.fetchall()]
+        return _fail(module, f'table "{schema}"."{table}" does not exist in database "{dbname}"; '
+                             f'tables in schema "{schema}": {_truncated_list(names)}')
+    oid, relkind, relispartition = row
+    if relkind not in ("r", "p"):
+        return _fail(module, f'"{schema}"."{table}" is a {RELKIND_NAMES.get(relkind, relkind)}, not a table')
+    version = server_version_num(cur)
+    generated = sql.SQL("a.attgenerated") if version >= 120000 else sql.SQL("''::\"char\"")
+    cur.execute(
+        sql.SQL(
+            "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull, {gen}, "
+            "a.attidentity FROM pg_catalog.pg_attribute a "
+            "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+        ).format(gen=generated),
+        (oid,),
+    )
+    columns = [
+        {"name": r[0], "type": r[1], "not_null": bool(r[2]), "generated": r[3] or "", "identity": r[4] or ""}
+        for r in cur.fetchall()
+    ]
+    cur.execute(
+        "SELECT con.conname, a.attname FROM pg_catalog.pg_constraint con "
+        "CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord) "
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum "
+        "WHERE con.conrelid = %s AND con.contype = 'p' ORDER BY k.ord",
+        (oid,),
+    )
+    pk_rows = cur.fetchall()
+    cur.execute(
+        "SELECT con.conname, con.conrelid::regclass::text, pg_catalog.pg_get_constraintdef(con.oid) "
+        "FROM pg_catalog.pg_constraint con WHERE con.contype = 'f' AND con.confrelid = %s ORDER BY 1",
+        (oid,),
+    )
+    referencing = [{"name": r[0], "table": r[1], "definition": r[2]} for r in cur.fetchall()]
+    cur.execute(
+        "SELECT t.tgname, t.tgenabled, pg_catalog.pg_get_triggerdef(t.oid) FROM pg_catalog.pg_trigger t "
+        "WHERE t.tgrelid = %s AND NOT t.tgisinternal ORDER BY 1",
+        (oid,),
+    )
+    triggers = [{"name": r[0], "enabled": r[1], "definition": r[2]} for r in cur.fetchall()]
+    cur.execute("SELECT inhparent::regclass::text FROM pg_catalog.pg_inherits WHERE inhrelid = %s ORDER BY 1", (oid,))
+    parents = [r[0] for r in cur.fetchall()]
+    cur.execute("SELECT inhrelid::regclass::text FROM pg_catalog.pg_inherits WHERE inhparent = %s ORDER BY 1", (oid,))
+    children = [r[0] for r in cur.fetchall()]
+    info = {
+        "schema": schema,
+        "table": table,
+        "oid": oid,
+        "relkind": relkind,
+        "partitioned": relkind == "p",
+        "is_partition": bool(relispartition),
+        "inherits_from": parents,
+        "inherited_by": children,
+        "columns": columns,
+        "column_names": [c["name"] for c in columns],
+        "primary_key": [r[1] for r in pk_rows],
+        "primary_key_name": pk_rows[0][0] if pk_rows else None,
+        "referenced_by": referencing,
+        "triggers": triggers,
+    }
+    if refuse_partitioned and (info["partitioned"] or info["is_partition"]):
+        what = "a partitioned table" if info["partitioned"] else "a partition of {}".format(", ".join(parents))
+        return _fail(module, f'"{schema}"."{table}" is {what}: not supported here; '
+                             "handle each partition/the parent explicitly")
+    if refuse_inheritance and not info["is_partition"] and (parents or children):
+        return _fail(module, f'"{schema}"."{table}" takes part in table inheritance (parents: '
+                             f"{_truncated_list(parents)}; children: {_truncated_list(children)}): rows of "
+                             "other tables would be mixed in; not supported here")
+    return info
+
+
+def check_columns(table_info, columns, module=None, what="column"):
+    """Every name in ``columns`` must be a column of the table; fail naming it and the real columns."""
+    if not columns:
+        return _fail(module, "no {} given for table {}.{}".format(what, table_info["schema"], table_info["table"]))
+    seen = set()
+    for col in columns:
+        validate_identifier(col, what, module)
+        if col in seen:
+            return _fail(module, f'{what} "{col}" is listed twice')
+        seen.add(col)
+        if col not in table_info["column_names"]:
+            real = ", ".join(table_info["column_names"])
+            return _fail(module, f'{what} "{col}" does not exist in table "{table_info["schema"]}".'
+                                 f'"{table_info["table"]}"; its columns are: {real}')
+    return list(columns)
+
+
+# --------------------------------------------------------------------------- unique constraints / indexes
+
+
+def find_equivalent_unique(cur, table_oid, columns):
+    """UNIQUE constraints and unique indexes of the table whose key column set equals ``columns``.
+
+    Order does not matter (as ON CONFLICT inference sees it). Every candidate is returned, valid or
+    not, partial or not, with expressions or not; ``usable`` says whether ON CONFLICT (columns) can
+    infer it (valid, ready, immediate, no predicate, no expression).
+    """
+    version = server_version_num(cur)
+    nnd = sql.SQL("i.indnullsnotdistinct") if version >= 150000 else sql.SQL("false")
+    nkey = sql.SQL("i.indnkeyatts") if version >= 110000 else sql.SQL("i.indnatts")
+    query = sql.SQL(
+        "SELECT ic.relname, i.indisvalid, i.indisready, i.indimmediate, i.indisprimary, "
+        "i.indpred IS NOT NULL, i.indexprs IS NOT NULL, {nnd}, "
+        "con.conname, con.contype, pg_catalog.pg_get_indexdef(i.indexrelid), "
+        "CASE WHEN con.oid IS NULL THEN NULL ELSE pg_catalog.pg_get_constraintdef(con.oid) END, "
+        "ARRAY(SELECT CASE WHEN k.attnum = 0 THEN NULL ELSE a.attname::text END "
+        "      FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) "
+        "      LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+        "      WHERE k.ord <= {nkey} ORDER BY k.ord), "
+        "ARRAY(SELECT pg_catalog.pg_get_indexdef(i.indexrelid, k.ord::int, true) "
+        "      FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) "
+        "      WHERE k.ord <= {nkey} ORDER BY k.ord) "
+        "FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid "
+        "LEFT JOIN pg_catalog.pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid "
+        "  AND con.contype IN ('u', 'p') "
+        "WHERE i.indrelid = %s AND i.indisunique ORDER BY ic.relname"
+    ).format(nnd=nnd, nkey=nkey)
+    cur.execute(query, (table_oid,))
+    wanted = set(columns)
+    found = []
+    for (idxname, valid, ready, immediate, primary, partial, has_expr, nulls_nd, conname, _contype,
+         idxdef, condef, keycols, keydefs) in cur.fetchall():
+        if len(keycols) != len(columns):
+            continue
+        plain = [c for c in keycols if c is not None]
+        if len(set(plain)) != len(plain) or not set(plain) <= wanted:
+            continue
+        if len(plain) != len(columns):
+            # expression entries: each must mention one of the remaining wanted columns
+            rest = wanted - set(plain)
+            exprs = [d for c, d in zip(keycols, keydefs) if c is None]
+            if not all(any(re.search(rf"(^|[^\w]){re.escape(r)}([^\w]|$)", e) for r in rest) for e in exprs):
+                continue
+        kind = "constraint" if conname else "index"
+        found.append({
+            "name": conname or idxname,
+            "index_name": idxname,
+            "constraint_name": conname,
+            "type": kind,
+            "primary_key": bool(primary),
+            "definition": condef if conname else idxdef,
+            "index_definition": idxdef,
+            "columns": [c if c is not None else d for c, d in zip(keycols, keydefs)],
+            "valid": bool(valid and ready),
+            "partial": bool(partial),
+            "expression": bool(has_expr),
+            "immediate": bool(immediate),
+            "nulls_not_distinct": bool(nulls_nd),
+            "usable": bool(valid and ready and immediate and not partial and not has_expr),
+        })
+    return found
+
+
+def lock_holders(cur, table_oid):
+    """Sessions holding or waiting for locks on the table, with what they run (for error messages)."""
+    cur.execute(
+        "SELECT DISTINCT a.pid, a.usename, a.state, l.mode, l.granted, "
+        "left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 200), "
+        "now() - a.xact_start "
+        "FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.relation = %s AND l.pid <> pg_backend_pid() ORDER BY 1",
+        (table_oid,),
+    )
+    return [
+        {"pid": r[0], "user": r[1], "state": r[2], "mode": r[3], "granted": r[4], "query": r[5],
+         "xact_age": str(r[6]) if r[6] is not None else None}
+        for r in cur.fetchall()
+    ]
