@@ -1,0 +1,773 @@
+#!/usr/bin/env python3
+"""Benchmark: the runbook's own migration (contender A) against this project's (contender B).
+
+One throwaway PostgreSQL cluster with default durability settings (fsync, synchronous_commit and
+full_page_writes on; only port, socket and listen address differ). Per scale, the runbook-shaped
+database is built once in bulk SQL (bench/sql/build.sql), then cloned with CREATE DATABASE ...
+TEMPLATE for every contender. For each contender: wall time, WAL written, peak extra disk, database
+size after, the longest stall of a concurrent single-row writer to task_requirements, peak RSS of
+the ansible processes (B), and an end-state check. Prints a table and writes JSON under
+bench/results/.
+
+Nothing here pulls table rows into Python: every check is an aggregate computed by the server.
+
+Usage: .venv/bin/python bench/run_bench.py [--scale 0.1 | --sweep 0.025,0.05,0.1 | --quick]
+                                           [--contenders A1,A2,B-table,B-dump,dupcheck] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import psycopg2  # noqa: E402
+from harness import PgCluster, ansible_env, free_port, parse_recap, server_os_user  # noqa: E402
+from psycopg2 import sql  # noqa: E402
+
+SCHEMA = "breezeway"
+# The project's table list (roles/dedup_common/defaults/main.yml): name and natural key.
+TABLES = [
+    {"name": "task_requirements", "natural_key": ["task_pk", "requirement_id"]},
+    {"name": "property_photos", "natural_key": ["property_pk", "photo_id"]},
+    {"name": "reservation_guests", "natural_key": ["reservation_pk", "guest_id"]},
+    {"name": "task_assignments", "natural_key": ["task_pk", "assignee_id"]},
+    {"name": "task_photos", "natural_key": ["task_pk", "photo_id"]},
+    {"name": "task_comments", "natural_key": ["task_pk", "comment_id"]},
+    {"name": "task_tags", "natural_key": ["task_pk", "tag_pk"]},
+]
+DUPLICATED = [t for t in TABLES if t["name"] != "task_tags"]  # the six tables contender A touches
+
+# Default durability: undo what tests/harness.py relaxes for speed (fsync=off and friends).
+DEFAULT_CONF = {
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "shared_buffers": "'128MB'",
+    "max_wal_size": "'1GB'",
+}
+A2_SETTINGS = {"work_mem": "512MB", "maintenance_work_mem": "1GB"}
+WRITER_KEY_BASE = 2_000_000_000  # requirement_id of the concurrent writer's rows (never collide)
+ALL_CONTENDERS = ["A1", "A2", "B-table", "B-dump", "B-online", "dupcheck"]
+DEFAULT_CONTENDERS = "A1,A2,B-table,B-dump,dupcheck"
+MIGRATE_PLAYBOOK = REPO / "playbooks" / "migrate_only.yml"
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def disk_usage(paths: list[Path]) -> int:
+    """Allocated bytes under paths (files may vanish while we walk: ignore them)."""
+    total = 0
+    stack = [str(p) for p in paths]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                for e in it:
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(e.path)
+                        else:
+                            total += e.stat(follow_symlinks=False).st_blocks * 512
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+    return total
+
+
+def proc_tree_rss(root_pid: int) -> tuple[int, int]:
+    """(sum, max) of VmRSS in bytes over root_pid and all its descendants, read from /proc."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+            parents[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree = {root_pid}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    total = biggest = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1]) * 1024
+                        total += rss
+                        biggest = max(biggest, rss)
+                        break
+        except OSError:
+            continue
+    return total, biggest
+
+
+class Sampler(threading.Thread):
+    """Every 0.2 s: disk used under the data dir (+ extra dirs), and RSS of a process tree."""
+
+    def __init__(self, paths: list[Path], interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.paths = paths
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.start_bytes = disk_usage(paths)
+        self.peak_bytes = self.start_bytes
+        self.samples = 0
+        self.rss_pid: int | None = None
+        self.peak_rss_sum = 0
+        self.peak_rss_max = 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.peak_bytes = max(self.peak_bytes, disk_usage(self.paths))
+            self.samples += 1
+            if self.rss_pid:
+                s, m = proc_tree_rss(self.rss_pid)
+                self.peak_rss_sum = max(self.peak_rss_sum, s)
+                self.peak_rss_max = max(self.peak_rss_max, m)
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=30)
+        self.peak_bytes = max(self.peak_bytes, disk_usage(self.paths))
+
+
+class Writer(threading.Thread):
+    """A concurrent single-row writer: one INSERT into task_requirements every 50 ms, timed."""
+
+    def __init__(self, cluster: PgCluster, db: str, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.cluster = cluster
+        self.db = db
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.max_latency = 0.0
+        self.committed = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        conn = None
+        n = 0
+        stmt = sql.SQL(
+            "INSERT INTO {}.task_requirements (task_pk, requirement_id, label, value, attrs) "
+            "VALUES (1, %s, 'bench-writer', 0, '{{}}')"
+        ).format(sql.Identifier(SCHEMA))
+        while not self.stop_event.is_set():
+            t0 = time.monotonic()
+            try:
+                if conn is None:
+                    conn = psycopg2.connect(**self.cluster.dsn(self.db), application_name="bench-writer")
+                    conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(stmt, (WRITER_KEY_BASE + n,))
+                self.committed += 1
+            except psycopg2.Error as exc:
+                if len(self.errors) < 20:
+                    self.errors.append(str(exc).strip().splitlines()[0])
+                try:
+                    if conn is not None:
+                        conn.close()
+                except psycopg2.Error:
+                    pass
+                conn = None
+            n += 1
+            self.max_latency = max(self.max_latency, time.monotonic() - t0)
+            self.stop_event.wait(self.interval)
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=600)
+
+
+# --------------------------------------------------------------------------- cluster
+
+def start_bench_cluster(workroot: Path) -> PgCluster:
+    workroot.mkdir(parents=True, exist_ok=True)
+    os.chmod(workroot, 0o755)
+    root = Path(tempfile.mkdtemp(prefix="cluster-", dir=workroot))
+    cluster = PgCluster(root=root, port=free_port(), os_user=server_os_user())
+    cluster.init(DEFAULT_CONF)
+    cluster.start()
+    return cluster
+
+
+def psql_cmd(cluster: PgCluster, db: str, *args: str) -> list[str]:
+    return [str(cluster.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+            "-p", str(cluster.port), "-U", cluster.superuser, "-d", db, *args]
+
+
+def psql_env(cluster: PgCluster) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PGPASSWORD"] = cluster.password  # the environment, never argv
+    env.pop("PGOPTIONS", None)
+    return env
+
+
+def terminate_sessions(cluster: PgCluster, db: str) -> None:
+    cluster.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        params=(db,),
+    )
+
+
+def clone(cluster: PgCluster, src: str, dst: str) -> None:
+    cluster.drop_database(dst)
+    q = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(dst), sql.Identifier(src))
+    if cluster.version >= 15:
+        q += sql.SQL(" STRATEGY FILE_COPY")  # a checkpoint and a file copy, not the whole DB through WAL
+    conn = cluster.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(q)
+    finally:
+        conn.close()
+
+
+def build_source(cluster: PgCluster, db: str, scale: float, logdir: Path) -> dict:
+    cluster.drop_database(db)
+    cluster.create_database(db)
+    t0 = time.monotonic()
+    with open(logdir / f"build-{db}.log", "w") as fh:
+        subprocess.run(psql_cmd(cluster, db, "-v", f"scale={scale}", "-f", str(BENCH / "sql" / "build.sql")),
+                       env=psql_env(cluster), stdout=fh, stderr=subprocess.STDOUT, check=True)
+    spec = cluster.execute("SELECT tbl, n, u FROM bench.bench_spec WHERE parent <> '' ORDER BY n DESC", db)
+    return {
+        "seconds": round(time.monotonic() - t0, 2),
+        "db_size_mb": mb(cluster.scalar("SELECT pg_database_size(current_database())", db)),
+        "tables": {tbl: {"rows": n, "unique_keys": u} for tbl, n, u in spec},
+    }
+
+
+def mb(n: int | float | None) -> float | None:
+    return None if n is None else round(float(n) / 1048576, 1)
+
+
+# --------------------------------------------------------------------------- the DELETE's plan
+
+def explain_a(cluster: PgCluster, db: str) -> dict:
+    """EXPLAIN each of contender A's DELETEs, on default settings and on A2's: hashed NOT IN or not."""
+    out: dict[str, dict] = {}
+    conn = cluster.connect(db)
+    try:
+        for label, settings in (("A1", {}), ("A2", A2_SETTINGS)):
+            with conn.cursor() as cur:
+                cur.execute("RESET ALL")
+                for k, v in settings.items():
+                    cur.execute("SELECT set_config(%s, %s, false)", (k, v))
+                for t in DUPLICATED:
+                    key = sql.SQL(", ").join(map(sql.Identifier, t["natural_key"]))
+                    tbl = sql.Identifier(SCHEMA, t["name"])
+                    cur.execute(sql.SQL(
+                        "EXPLAIN DELETE FROM {t} WHERE id NOT IN (SELECT DISTINCT ON ({k}) id FROM {t} "
+                        "ORDER BY {k}, id)").format(t=tbl, k=key))
+                    plan = "\n".join(r[0] for r in cur.fetchall())
+                    out.setdefault(t["name"], {})[label] = {
+                        "hashed_subplan": "hashed SubPlan" in plan,
+                        "plan": plan,
+                    }
+    finally:
+        conn.close()
+    return out
+
+
+# --------------------------------------------------------------------------- end-state check
+
+def verify(cluster: PgCluster, db: str, spec: dict, writer_committed: int) -> dict:
+    """Aggregates only: rows, distinct keys, oldest kept, unique constraint, writer rows present."""
+    res: dict = {"tables": {}, "ok": True}
+    conn = cluster.connect(db)
+    try:
+        with conn.cursor() as cur:
+            for t in TABLES:
+                name, key = t["name"], t["natural_key"]
+                tbl = sql.Identifier(SCHEMA, name)
+                u = spec[name]["unique_keys"]
+                writer_row = sql.SQL("requirement_id >= {}").format(sql.Literal(WRITER_KEY_BASE)) \
+                    if name == "task_requirements" else sql.SQL("false")
+                cur.execute(sql.SQL(
+                    "SELECT count(*), count(DISTINCT ({k})), "
+                    "count(*) FILTER (WHERE id > {u} AND NOT ({w})), count(*) FILTER (WHERE {w}) FROM {t}"
+                ).format(k=sql.SQL(", ").join(map(sql.Identifier, key)), u=sql.Literal(u), w=writer_row, t=tbl))
+                rows, distinct, not_oldest, writer_rows = cur.fetchone()
+                cur.execute(
+                    "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND i.indisunique "
+                    "AND i.indisvalid AND i.indpred IS NULL AND (SELECT array_agg(a.attname::text ORDER BY "
+                    "a.attname) FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) "
+                    "= %s::text[])",
+                    (f"{SCHEMA}.{name}", sorted(key)),
+                )
+                unique = cur.fetchone()[0]
+                ok = rows == distinct and not_oldest == 0 and unique
+                res["tables"][name] = {"rows": rows, "duplicates": rows - distinct, "kept_not_oldest": not_oldest,
+                                       "unique_constraint": unique}
+                if name == "task_requirements":
+                    res["writer_rows_committed"] = writer_committed
+                    res["writer_rows_found"] = writer_rows
+                    ok = ok and writer_rows == writer_committed
+                res["ok"] = res["ok"] and ok
+            # Where removed rows went: tables of the backup schema and the runbook's *_backup tables.
+            cur.execute(
+                "SELECT n.nspname || '.' || c.relname, c.relkind FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND (n.nspname = 'dedup_rollout' OR "
+                "(n.nspname = %s AND c.relname LIKE '%%\\_backup')) ORDER BY 1",
+                (SCHEMA,),
+            )
+            backups = {}
+            for qualified, _kind in cur.fetchall():
+                nsp, rel = qualified.split(".", 1)
+                cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(nsp, rel)))
+                backups[qualified] = cur.fetchone()[0]
+            res["backup_tables_rows"] = backups
+    finally:
+        conn.close()
+    return res
+
+
+# --------------------------------------------------------------------------- contenders
+
+def run_process(cmd: list[str], env: dict, logfile: Path, timeout: float, sampler: Sampler | None = None,
+                cwd: Path | None = None) -> tuple[int | None, bool]:
+    """Run cmd with output to logfile; returns (rc, timed_out). The sampler follows its RSS."""
+    with open(logfile, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)
+        if sampler is not None:
+            sampler.rss_pid = proc.pid
+        try:
+            return proc.wait(timeout=timeout), False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+            return None, True
+
+
+def tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def contender_a(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) -> dict:
+    cluster: PgCluster = ctx["cluster"]
+    args: list[str] = []
+    if name == "A2":
+        for k, v in A2_SETTINGS.items():
+            args += ["-c", f"SET {k} = '{v}'"]
+    args += ["-f", str(BENCH / "sql" / "contender_a.sql")]
+    logfile = workdir / "psql.log"
+    rc, timed_out = run_process(psql_cmd(cluster, db, *args), psql_env(cluster), logfile, ctx["timeout"])
+    out = {"rc": rc, "timed_out": timed_out, "settings": A2_SETTINGS if name == "A2" else "defaults"}
+    if timed_out or rc != 0:
+        out["error"] = "timed out" if timed_out else tail(logfile)
+    # psql \timing lines, one per statement, in file order.
+    out["statement_ms"] = [float(m) for m in re.findall(r"^Time: ([\d.]+) ms", logfile.read_text(), re.M)]
+    return out
+
+
+def write_inventory(workdir: Path) -> Path:
+    inv = workdir / "bench"
+    inv.mkdir(parents=True, exist_ok=True)
+    (inv / "hosts.yml").write_text(
+        "all:\n  children:\n    db:\n      hosts:\n        bench-db:\n"
+        "          ansible_connection: local\n"
+        f"          ansible_python_interpreter: {sys.executable}\n"
+    )
+    return inv
+
+
+def write_vars(ctx: dict, db: str, workdir: Path, backup_mode: str, extra: dict | None = None) -> Path:
+    cluster: PgCluster = ctx["cluster"]
+    report_root = workdir / "reports"
+    backup_dir = workdir / "backup"
+    report_root.mkdir(exist_ok=True)
+    backup_dir.mkdir(exist_ok=True)
+    data = {
+        "dedup_db_host": "127.0.0.1",
+        "dedup_db_port": cluster.port,
+        "dedup_db_name": db,
+        "dedup_db_user": cluster.superuser,
+        "dedup_db_password": cluster.password,
+        "dedup_schema": SCHEMA,
+        "dedup_tables": TABLES,
+        "dedup_backup_mode": backup_mode,
+        "dedup_report_root": str(report_root),
+        "dedup_backup_dir": str(backup_dir),
+    }
+    data.update(extra or {})
+    path = workdir / "vars.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+    return path
+
+
+def contender_b(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) -> dict:
+    mode = {"B-table": "table", "B-dump": "dump", "B-online": "table"}[name]
+    extra = {"dedup_mode": "online"} if name == "B-online" else {}
+    out: dict = {"backup_mode": mode, "playbook": str(MIGRATE_PLAYBOOK.relative_to(REPO)), **extra}
+    if not MIGRATE_PLAYBOOK.exists():
+        out.update(rc=None, timed_out=False, missing=True, error=f"{out['playbook']} does not exist (yet)")
+        return out
+    inv = write_inventory(workdir)
+    varsfile = write_vars(ctx, db, workdir, mode, extra)
+    logfile = workdir / "ansible.log"
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(MIGRATE_PLAYBOOK), "-i", str(inv),
+           "-e", f"@{varsfile}"]
+    try:
+        rc, timed_out = run_process(cmd, ansible_env(), logfile, ctx["timeout"], sampler=sampler, cwd=REPO)
+    finally:
+        varsfile.unlink(missing_ok=True)  # it holds the password
+    text = logfile.read_text(errors="replace")
+    out.update(rc=rc, timed_out=timed_out, recap=parse_recap(text))
+    if timed_out or rc != 0:
+        out["error"] = "timed out" if timed_out else tail(logfile, 40)
+    dumps = [p for p in (workdir / "backup").rglob("*") if p.is_file()]
+    out["backup_dir_files"] = {str(p.relative_to(workdir)): mb(p.stat().st_size) for p in dumps}
+    return out
+
+
+CONTENDER_FUNCS = {"A1": contender_a, "A2": contender_a, "B-table": contender_b, "B-dump": contender_b,
+                   "B-online": contender_b}
+
+
+def measure(ctx: dict, name: str, scale: float, src: str, spec: dict) -> dict:
+    cluster: PgCluster = ctx["cluster"]
+    db = "bench_" + re.sub(r"\W", "_", name.lower())
+    workdir = ctx["workdir"] / f"scale{scale}" / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    clone(cluster, src, db)
+    cluster.execute("CHECKPOINT")  # every contender starts from the same WAL state (full-page writes)
+    lsn0 = cluster.scalar("SELECT pg_current_wal_lsn()")
+    sampler = Sampler([cluster.datadir, workdir])
+    writer = Writer(cluster, db)
+    sampler.start()
+    writer.start()
+    time.sleep(0.3)  # the writer's first insert is in before the contender starts
+    log(f"scale {scale}: {name} on {db} ...")
+    t0 = time.monotonic()
+    detail: dict = {"rc": None, "timed_out": False, "error": "interrupted"}
+    try:
+        detail = CONTENDER_FUNCS[name](ctx, name, db, workdir, sampler)
+    finally:
+        seconds = time.monotonic() - t0
+        if detail.get("rc") is None and not detail.get("missing"):
+            terminate_sessions(cluster, db)  # nothing of a killed contender keeps locks
+        writer.stop()
+        sampler.stop()
+    lsn1 = cluster.scalar("SELECT pg_current_wal_lsn()")
+    wal = cluster.scalar("SELECT pg_wal_lsn_diff(%s, %s)", params=(lsn1, lsn0))
+    status = "ok" if detail.get("rc") == 0 else ("timeout" if detail.get("timed_out") else "failed")
+    if detail.get("missing"):
+        status = "missing"
+    row = {
+        "contender": name,
+        "scale": scale,
+        "status": status,
+        "seconds": round(seconds, 2),
+        "wal_mb": mb(float(wal)),
+        "peak_extra_disk_mb": mb(sampler.peak_bytes - sampler.start_bytes),
+        "disk_samples": sampler.samples,
+        "db_size_after_mb": mb(cluster.scalar("SELECT pg_database_size(%s)", params=(db,))),
+        "child_tables_size_after_mb": mb(cluster.scalar(
+            "SELECT sum(pg_total_relation_size(format('%%I.%%I', %s::text, t)::regclass)) FROM unnest(%s::text[]) t",
+            db, (SCHEMA, [t["name"] for t in TABLES]))),
+        "writer_max_stall_ms": round(writer.max_latency * 1000, 1),
+        "writer_rows": writer.committed,
+        "writer_errors": writer.errors,
+        "detail": detail,
+    }
+    if name.startswith("B"):
+        row["ansible_peak_rss_mb"] = mb(sampler.peak_rss_max)
+        row["ansible_peak_rss_tree_mb"] = mb(sampler.peak_rss_sum)
+    if status == "ok":
+        row["check"] = verify(cluster, db, spec, writer.committed)
+        if not row["check"]["ok"]:
+            row["status"] = "wrong-result"
+    log(f"scale {scale}: {name} {row['status']} in {row['seconds']} s")
+    if not ctx["keep"]:
+        cluster.drop_database(db)
+        shutil.rmtree(workdir / "backup", ignore_errors=True)
+    return row
+
+
+def measure_dupcheck(ctx: dict, scale: float, src: str) -> dict:
+    """pg_duplicates over all tables (module time from the json callback) vs plain count(*)."""
+    cluster: PgCluster = ctx["cluster"]
+    db = "bench_dupcheck"
+    workdir = ctx["workdir"] / f"scale{scale}" / "dupcheck"
+    workdir.mkdir(parents=True, exist_ok=True)
+    clone(cluster, src, db)
+    out: dict = {"contender": "dupcheck", "scale": scale}
+
+    def count_all() -> float:
+        conn = cluster.connect(db)
+        try:
+            t0 = time.monotonic()
+            with conn.cursor() as cur:
+                for t in TABLES:
+                    cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(SCHEMA, t["name"])))
+                    cur.fetchone()
+            return time.monotonic() - t0
+        finally:
+            conn.close()
+
+    count_all()  # warm the cache for both
+    inv = write_inventory(workdir)
+    play = workdir / "pg_duplicates.yml"
+    result_file = workdir / "pg_duplicates.json"
+    # ping between t0 and t1 is the baseline of one module task; pg_duplicates runs between t1 and t2.
+    play.write_text(
+        "- name: Bench pg_duplicates\n  hosts: db\n  gather_facts: false\n  tasks:\n"
+        "    - name: Take t0\n      ansible.builtin.set_fact:\n        bench_t0: \"{{ now().timestamp() }}\"\n"
+        "    - name: Run a trivial module (the baseline)\n      ansible.builtin.ping:\n"
+        "    - name: Take t1\n      ansible.builtin.set_fact:\n        bench_t1: \"{{ now().timestamp() }}\"\n"
+        "    - name: Count duplicates of every table\n      pg_duplicates:\n"
+        "        login_host: \"{{ dedup_db_host }}\"\n        login_port: \"{{ dedup_db_port }}\"\n"
+        "        login_db: \"{{ dedup_db_name }}\"\n        login_user: \"{{ dedup_db_user }}\"\n"
+        "        login_password: \"{{ dedup_db_password }}\"\n        schema: \"{{ dedup_schema }}\"\n"
+        "        tables: \"{{ dedup_tables }}\"\n"
+        "      register: bench_dup\n      ignore_errors: true\n"
+        "    - name: Take t2\n      ansible.builtin.set_fact:\n        bench_t2: \"{{ now().timestamp() }}\"\n"
+        "    - name: Save the timings and the result\n      ansible.builtin.copy:\n"
+        f"        dest: {json.dumps(str(result_file))}\n        mode: '0600'\n"
+        "        content: \"{{ {'t0': bench_t0, 't1': bench_t1, 't2': bench_t2, 'result': bench_dup} | to_json }}\"\n"
+    )
+    varsfile = write_vars(ctx, db, workdir, "table")
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), str(play), "-i", str(inv),
+                               "-e", f"@{varsfile}"], env=ansible_env(), cwd=REPO, capture_output=True, text=True,
+                              timeout=ctx["timeout"])
+    finally:
+        varsfile.unlink(missing_ok=True)
+    out["playbook_seconds"] = round(time.monotonic() - t0, 2)
+    out["count_seconds"] = round(count_all(), 3)
+    try:
+        doc = json.loads(result_file.read_text())
+        t0_, t1_, t2_ = (float(doc[k]) for k in ("t0", "t1", "t2"))
+        res = doc["result"]
+        out["module_task_seconds"] = round(t2_ - t1_, 3)
+        out["baseline_task_seconds"] = round(t1_ - t0_, 3)
+        out["module_seconds"] = round(max(0.0, (t2_ - t1_) - (t1_ - t0_)), 3)
+        out["failed"] = bool(res.get("failed"))
+        keep = ("table", "total_rows", "distinct_keys", "duplicate_rows", "divergent_rows", "null_key_rows", "seconds")
+        tables = res.get("tables") if isinstance(res.get("tables"), list) else []
+        out["tables"] = [{k: t.get(k) for k in keep if k in t} for t in tables if isinstance(t, dict)]
+        sql_seconds = [t.get("seconds") for t in tables if isinstance(t, dict)]
+        if sql_seconds and all(isinstance(x, (int, float)) for x in sql_seconds):
+            out["module_reported_seconds"] = round(sum(sql_seconds), 3)  # the module's own per-table timings
+        if res.get("failed"):
+            out["error"] = str(res.get("msg", "module failed"))[:1500]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        out["failed"] = True
+        out["error"] = f"{type(exc).__name__}: {exc}; rc={proc.returncode}; " + (proc.stdout + proc.stderr)[-1500:]
+    if not out.get("failed") and out["count_seconds"] > 0:
+        out["ratio_vs_count"] = round(out["module_seconds"] / out["count_seconds"], 2)
+        if "module_reported_seconds" in out:
+            out["ratio_reported_vs_count"] = round(out["module_reported_seconds"] / out["count_seconds"], 2)
+    out["status"] = "failed" if out.get("failed") else "ok"
+    log(f"scale {scale}: dupcheck {out['status']} module {out.get('module_seconds')} s vs count(*) "
+        f"{out['count_seconds']} s")
+    if not ctx["keep"]:
+        cluster.drop_database(db)
+    return out
+
+
+# --------------------------------------------------------------------------- reporting
+
+def machine_facts(cluster: PgCluster) -> dict:
+    mem_kb = 0
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    settings = dict(cluster.execute(
+        "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(%s)",
+        params=(["fsync", "synchronous_commit", "full_page_writes", "shared_buffers", "work_mem",
+                 "maintenance_work_mem", "max_wal_size", "hash_mem_multiplier", "wal_level"],)))
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gb": round(mem_kb / 1048576, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pg_version": cluster.scalar("SHOW server_version"),
+        "pg_settings": settings,
+    }
+
+
+def summarize(rows: list[dict]) -> None:
+    """Ratio vs best A: (seconds of the faster completed A at that scale) / seconds."""
+    for scale in {r["scale"] for r in rows}:
+        a = [r["seconds"] for r in rows if r["scale"] == scale and r["contender"] in ("A1", "A2")
+             and r["status"] == "ok"]
+        best = min(a) if a else None
+        for r in rows:
+            if r["scale"] == scale and r["contender"] != "dupcheck":
+                r["ratio_vs_best_a"] = round(best / r["seconds"], 2) if best and r["status"] == "ok" else None
+                r["wal_ratio_vs_best_a"] = None
+        if best:
+            a_row = next(r for r in rows if r["scale"] == scale and r["contender"] in ("A1", "A2")
+                         and r["seconds"] == best)
+            for r in rows:
+                if r["scale"] == scale and r["contender"] != "dupcheck" and r["status"] == "ok" and r["wal_mb"]:
+                    r["wal_ratio_vs_best_a"] = round(a_row["wal_mb"] / r["wal_mb"], 2)
+
+
+def table_text(rows: list[dict], dupchecks: list[dict]) -> str:
+    hdr = ["contender", "scale", "status", "seconds", "WAL MB", "peak extra disk MB", "size after MB",
+           "max writer stall ms", "ratio vs best A"]
+    lines = []
+    for r in rows:
+        if r["contender"] == "dupcheck":
+            continue
+        ratio = r.get("ratio_vs_best_a")
+        sec = r["seconds"] if r["status"] != "timeout" else f">{r['seconds']}"
+        lines.append([r["contender"], r["scale"], r["status"], sec, r["wal_mb"], r["peak_extra_disk_mb"],
+                      r["db_size_after_mb"], r["writer_max_stall_ms"], "-" if ratio is None else f"{ratio}x"])
+    cells = [hdr] + [[str(c) for c in ln] for ln in lines]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(hdr))]
+    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    out = [fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(c) for c in cells[1:]]
+    for d in dupchecks:
+        if d.get("status") == "ok":
+            out.append(f"\npg_duplicates at scale {d['scale']}: module task {d['module_seconds']} s (net of a ping "
+                       f"task; its own SQL timings {d.get('module_reported_seconds')} s) vs plain count(*) "
+                       f"{d['count_seconds']} s -> {d.get('ratio_vs_count')}x "
+                       f"(SQL only {d.get('ratio_reported_vs_count')}x; playbook wall {d['playbook_seconds']} s)")
+        else:
+            out.append(f"\npg_duplicates at scale {d['scale']}: {d.get('status')}: {str(d.get('error'))[:300]}")
+    return "\n".join(out)
+
+
+def explain_text(explains: dict) -> str:
+    out = []
+    for scale, ex in explains.items():
+        parts = []
+        for tbl, modes in ex.items():
+            parts.append(f"{tbl}: A1 {'hashed' if modes['A1']['hashed_subplan'] else 'NOT hashed'}"
+                         f", A2 {'hashed' if modes['A2']['hashed_subplan'] else 'NOT hashed'}")
+        out.append(f"NOT IN subplan at scale {scale}: " + "; ".join(parts))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", type=float, default=0.1, help="fraction of the runbook's row counts (default 0.1)")
+    p.add_argument("--sweep", help="comma-separated scales, e.g. 0.025,0.05,0.1 (overrides --scale)")
+    p.add_argument("--quick", action="store_true", help="smoke run at scale 0.01")
+    p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
+                   help=f"comma-separated subset of {','.join(ALL_CONTENDERS)} (default {DEFAULT_CONTENDERS})")
+    p.add_argument("--keep", action="store_true", help="keep the cluster, clones and work files")
+    p.add_argument("--timeout", type=float, default=3600, help="per-contender limit in seconds (default 3600)")
+    p.add_argument("--results-dir", type=Path, default=BENCH / "results", help="where the JSON goes")
+    p.add_argument("--workdir", type=Path, default=BENCH / "work", help="cluster and scratch files (gitignored)")
+    args = p.parse_args(argv)
+    if args.sweep:
+        args.scales = [float(s) for s in args.sweep.split(",") if s.strip()]
+    else:
+        args.scales = [0.01 if args.quick else args.scale]
+    args.contender_list = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    bad = [c for c in args.contender_list if c not in ALL_CONTENDERS]
+    if bad:
+        p.error(f"unknown contenders: {', '.join(bad)} (choose from {', '.join(ALL_CONTENDERS)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    workroot = args.workdir.resolve()
+    cluster = start_bench_cluster(workroot)
+    ctx = {"cluster": cluster, "keep": args.keep, "timeout": args.timeout,
+           "workdir": workroot / f"run-{stamp}"}
+    ctx["workdir"].mkdir(parents=True, exist_ok=True)
+    log(f"cluster {cluster.root} on port {cluster.port} (PostgreSQL {cluster.version}, default durability)")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_facts(cluster)
+    runs = []
+    all_rows: list[dict] = []
+    all_dup: list[dict] = []
+    try:
+        for scale in args.scales:
+            src = "bench_src"
+            log(f"scale {scale}: building the runbook-shaped database ...")
+            build = build_source(cluster, src, scale, ctx["workdir"])
+            log(f"scale {scale}: built in {build['seconds']} s, {build['db_size_mb']} MB")
+            explains = explain_a(cluster, src)
+            rows = [measure(ctx, c, scale, src, build["tables"]) for c in args.contender_list if c != "dupcheck"]
+            dups = [measure_dupcheck(ctx, scale, src)] if "dupcheck" in args.contender_list else []
+            summarize(rows)
+            doc = {"generated_at": stamp, "scale": scale, "machine": machine, "build": build,
+                   "contenders": rows, "pg_duplicates": dups[0] if dups else None, "explain_a_delete": explains,
+                   "table": table_text(rows, dups)}
+            (args.results_dir / f"{stamp}-scale{scale}.json").write_text(json.dumps(doc, indent=2) + "\n")
+            runs.append(doc)
+            all_rows += rows
+            all_dup += dups
+            if not args.keep:
+                cluster.drop_database(src)
+        latest = {"generated_at": stamp, "machine": machine, "scales": args.scales,
+                  "contenders": args.contender_list, "runs": runs, "table": table_text(all_rows, all_dup)}
+        (args.results_dir / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
+        print()
+        print(f"machine: {machine['nproc']} CPU ({machine['cpu']}), {machine['ram_gb']} GB RAM, "
+              f"PostgreSQL {machine['pg_version']}")
+        print(latest["table"])
+        print(explain_text({r["scale"]: r["explain_a_delete"] for r in runs}))
+        print(f"\nJSON: {args.results_dir / 'latest.json'}")
+    finally:
+        if args.keep:
+            log(f"kept: cluster {cluster.root} port {cluster.port}, work files {ctx['workdir']}")
+        else:
+            cluster.stop("fast")
+            shutil.rmtree(cluster.root, ignore_errors=True)
+            shutil.rmtree(ctx["workdir"], ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
