@@ -429,8 +429,11 @@ class UniqueConstraint:
 
         nnd_sql = sql.SQL(" NULLS NOT DISTINCT") if want_nnd else sql.SQL("")
         cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
-        definition = "UNIQUE{} ({})".format(" NULLS NOT DISTINCT" if want_nnd else "",
-                                        ", ".join(sql.Identifier(c).as_string(self.conn) for c in self.columns))
+        with self.conn.cursor() as cur:  # quoted the way pg_get_constraintdef quotes
+            cur.execute("SELECT array_agg(quote_ident(c) ORDER BY o) FROM unnest(%s::text[]) WITH ORDINALITY u(c, o)",
+                        (self.columns,))
+            quoted = cur.fetchone()[0]
+        definition = "UNIQUE{} ({})".format(" NULLS NOT DISTINCT" if want_nnd else "", ", ".join(quoted))
         if leftover:
             action = "rebuilt_invalid_index"
         elif p["concurrently"]:
