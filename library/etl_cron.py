@@ -51,7 +51,8 @@ options:
   process_pattern:
     description:
       - Python regex searched in the command line of every process; matches are returned in C(running).
-      - The module's own process tree is excluded; filtered to C(user) when C(user) is given.
+      - The module's own process and its ancestors (the ansible processes running it, and forks of them with
+        the same command line) are excluded; filtered to C(user) when C(user) is given.
     type: str
 notes:
   - Supports check mode (writes nothing) and diff mode.
@@ -237,8 +238,11 @@ class FileTarget:
 
 
 def own_tree():
-    """PIDs of this process, its ancestors and its descendants (never reported as 'running')."""
-    mine = {os.getpid()}
+    """This process and its ancestors (ansible's worker, ansible-playbook...), never reported as 'running'.
+
+    Also returns their command lines: forked siblings of ansible's workers carry the same argv.
+    """
+    pids = {os.getpid()}
     pid = os.getpid()
     while pid > 1:
         try:
@@ -246,31 +250,22 @@ def own_tree():
                 ppid = next(int(line.split()[1]) for line in fh if line.startswith("PPid:"))
         except (OSError, StopIteration, ValueError):
             break
-        mine.add(ppid)
+        pids.add(ppid)
         pid = ppid
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    stat = fh.read()
-                parents[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
-            except (OSError, ValueError):
-                continue
-    grew = True
-    me = os.getpid()
-    descendants = {me}
-    while grew:
-        grew = False
-        for child, parent in parents.items():
-            if parent in descendants and child not in descendants:
-                descendants.add(child)
-                grew = True
-    return mine | descendants
+    cmdlines = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        if raw:
+            cmdlines.add(raw)
+    return pids, cmdlines
 
 
 def running_processes(regex, user=None):
-    exclude = own_tree()
+    exclude, own_cmdlines = own_tree()
     uid = pwd.getpwnam(user).pw_uid if user else None
     found = []
     for entry in os.listdir("/proc"):
@@ -282,7 +277,7 @@ def running_processes(regex, user=None):
             owner = os.stat(f"/proc/{entry}").st_uid
         except OSError:
             continue
-        if not raw:
+        if not raw or raw in own_cmdlines:
             continue
         cmdline = decode(raw.rstrip(b"\0").replace(b"\0", b" "))
         if uid is not None and owner != uid:
