@@ -273,6 +273,9 @@ def main():
             key = check_columns(info, t["natural_key"], module, what="natural key column")
             skip = set(t["ignore_columns"]) | set(info["primary_key"]) | set(key)
             compared = [c for c in info["column_names"] if c not in skip]
+            if info["inherited_by"]:
+                module.warn(f'"{schema}"."{t["name"]}" has inheritance children ({", ".join(info["inherited_by"])}): '
+                            "its counts include their rows")
             plans.append((t, info, key, compared))
         for t, info, key, compared in plans:
             start = time.monotonic()
@@ -305,6 +308,9 @@ def main():
                 "key_fingerprint": key_fp,
                 "id_fingerprint": id_fp,
                 "primary_key": info["primary_key"],
+                "partitioned": info["partitioned"],
+                "inherited_by": info["inherited_by"],
+                "referenced_by": [r["table"] for r in info["referenced_by"]],
                 "nulls": "not distinct",
                 "seconds": round(time.monotonic() - start, 3),
             })

@@ -30,7 +30,9 @@ description:
   - C(state=present) is idempotent by meaning, not by name. An existing valid UNIQUE constraint, or a
     valid unique index without predicate or expression, whose key column set equals C(columns) in any
     order (as C(ON CONFLICT) inference sees it) counts as present and nothing is added beside it.
-  - When a key column is nullable, the equivalent must also have the same C(NULLS NOT DISTINCT) setting.
+  - When a key column is nullable and C(nulls_not_distinct=true) is asked, a constraint that treats NULLs as
+    distinct is not equivalent (a new one is created). An existing C(NULLS NOT DISTINCT) one is stricter and
+    satisfies a plain request; the result's C(nulls_not_distinct) reports the setting in effect.
   - Before any DDL it checks for duplicates (as the constraint would see them) and fails with their count
     and sample keys.
   - With C(concurrently), builds C(CREATE UNIQUE INDEX CONCURRENTLY) then
@@ -343,6 +345,12 @@ class UniqueConstraint:
             if p["nulls_not_distinct"] and self.version < 150000:
                 self.fail(f"nulls_not_distinct needs PostgreSQL 15 or later; this server is "
                           f"{self.version // 10000}.{self.version % 10000}")
+            if self.info["partitioned"] and p["concurrently"] and p["state"] == "present":
+                self.fail(f'"{self.schema}"."{self.table}" is a partitioned table: PostgreSQL cannot build its index '
+                          "CONCURRENTLY; use concurrently: false (the key must include the partition key)")
+            if self.info["inherited_by"] or self.info["inherits_from"] and not self.info["is_partition"]:
+                m.warn(f'"{self.schema}"."{self.table}" takes part in table inheritance: a UNIQUE constraint only '
+                       "covers the rows stored in this table itself, not its parents or children")
             if p["state"] == "absent":
                 return self.absent()
             return self.present()
@@ -385,11 +393,10 @@ class UniqueConstraint:
         for cand in candidates:
             if not cand["usable"]:
                 continue
-            if nullable and cand["nulls_not_distinct"] != want_nnd:
-                m.warn("{} {} covers the same columns but NULLS {}DISTINCT differs from the request; "
-                       "it does not count as equivalent because key columns {} are nullable".format(
-                           cand["type"], cand["name"], "NOT " if cand["nulls_not_distinct"] else "",
-                           ", ".join(nullable)))
+            if nullable and want_nnd and not cand["nulls_not_distinct"]:
+                m.warn("{} {} covers the same columns but treats NULLs as distinct; it does not count as "
+                       "equivalent to the NULLS NOT DISTINCT constraint requested because key columns {} are "
+                       "nullable".format(cand["type"], cand["name"], ", ".join(nullable)))
                 continue
             equivalent = cand
             break

@@ -160,10 +160,18 @@ def test_nulls_not_distinct(pg, db):
     assert res["changed"] and res["nulls_not_distinct"] is True, res
     assert constraint_def(pg, db, "n_a_b_key") == "UNIQUE NULLS NOT DISTINCT (a, b)"
     assert uc(pg, db, table="n", columns=["a", "b"], nulls_not_distinct=True)["changed"] is False
-    # nullable key: a NULLS DISTINCT request is not satisfied by the NULLS NOT DISTINCT constraint
-    res = uc(pg, db, check=True, table="n", columns=["a", "b"], name="n_ab_distinct")
-    assert res["changed"] is True and res["nullable_columns"] == ["a", "b"]
-    assert "NULLS NOT DISTINCT differs" in str(res.get("warnings"))
+    # the stricter NULLS NOT DISTINCT constraint satisfies a plain request, and says so
+    res = uc(pg, db, table="n", columns=["b", "a"])
+    assert res["changed"] is False and res["nulls_not_distinct"] is True and res["name"] == "n_a_b_key"
+    # ...but a NULLS DISTINCT constraint does not satisfy a NULLS NOT DISTINCT request on a nullable key
+    pg.execute("ALTER TABLE n DROP CONSTRAINT n_a_b_key", db)
+    pg.execute("ALTER TABLE n ADD CONSTRAINT n_plain UNIQUE (a, b)", db)
+    res = uc(pg, db, table="n", columns=["a", "b"], nulls_not_distinct=True)
+    assert res["changed"] is True and res["nullable_columns"] == ["a", "b"], res
+    assert "treats NULLs as distinct" in str(res.get("warnings"))
+    assert constraint_def(pg, db, "n_a_b_key") == "UNIQUE NULLS NOT DISTINCT (a, b)"
+    assert constraint_def(pg, db, "n_plain") == "UNIQUE (a, b)"
+    pg.execute("ALTER TABLE n DROP CONSTRAINT n_plain", db)
     # rows (NULL,NULL) twice are duplicates only when NULLs are not distinct
     pg.execute("INSERT INTO n (a, b) VALUES (7, NULL)", db)
     pg.execute("ALTER TABLE n DROP CONSTRAINT n_a_b_key", db)
@@ -265,3 +273,25 @@ def test_ansible_doc_renders():
     proc = ansible_doc("pg_unique_constraint")
     assert proc.returncode == 0, proc.stderr
     assert "concurrently" in proc.stdout and "rebuilt_invalid_index" in proc.stdout
+
+
+def test_partitioned_inherited_and_unprivileged(pg, db):
+    pg.execute("CREATE TABLE p (k int NOT NULL, v int NOT NULL) PARTITION BY RANGE (k);"
+               "CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100);"
+               "CREATE TABLE parent (a int NOT NULL); CREATE TABLE child () INHERITS (parent);", db)
+    res = uc(pg, db, table="p", columns=["k", "v"], concurrently=True)
+    assert res["failed"] and "partitioned table" in res["msg"] and "concurrently: false" in res["msg"]
+    res = uc(pg, db, table="p", columns=["k", "v"])
+    assert res["changed"] and constraint_def(pg, db, "p_k_v_key") == "UNIQUE (k, v)"
+    res = uc(pg, db, table="parent", columns=["a"])
+    assert res["changed"] and "inheritance" in str(res.get("warnings"))
+    # a role that does not own the table: PostgreSQL's own error names the missing privilege
+    pg.execute("CREATE ROLE uc_weak LOGIN PASSWORD 'weak-Pass-1'; GRANT SELECT ON t TO uc_weak", db)
+    try:
+        before = catalog(pg, db)
+        res = uc(pg, db, table="t", columns=["a", "b"], login_user="uc_weak", login_password="weak-Pass-1")
+        assert res["failed"] and "must be owner of table t" in res["msg"], res
+        assert "weak-Pass-1" not in str(res)
+        assert catalog(pg, db) == before
+    finally:
+        pg.execute('REASSIGN OWNED BY uc_weak TO postgres; DROP OWNED BY uc_weak; DROP ROLE uc_weak', db)
