@@ -1,0 +1,289 @@
+#!/usr/bin/python
+"""Read-only: everything the migration needs to know about the target database, in one call."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: pg_dedup_plan
+short_description: Inspect a database and plan the deduplication of a list of tables (read-only)
+description:
+  - Checks every table and natural-key column against the catalog and returns, per table, the facts
+    the migration template needs (primary key, insertable columns, identity, enabled triggers, sizes,
+    strategy) plus the server facts preflight needs (version, standby, superuser, privileges).
+  - Reads the dedup-rollout ledger when it exists, so that a re-run after an interruption resumes the
+    unfinished deploy (same run id) instead of starting a new one.
+  - Never changes anything; runs in check mode.
+version_added: "1.0.0"
+author: dedup-rollout
+extends_documentation_fragment: []
+options:
+  schema:
+    description: Schema of the tables.
+    type: str
+    required: true
+  tables:
+    description:
+      - Tables to plan, each a dict with C(name), C(natural_key) (list), optional C(keep) (oldest|newest)
+        and C(order_by) (column deciding "oldest"; default the primary key).
+    type: list
+    elements: dict
+    required: true
+  backup_schema:
+    description: Schema of the ledger and the backup tables.
+    type: str
+    default: dedup_rollout
+  run_id:
+    description: Run id to use when no unfinished deploy is found in the ledger.
+    type: str
+    required: true
+  resume:
+    description: Resume an unfinished deploy found in the ledger (its run id is returned as C(deploy_id)).
+    type: bool
+    default: true
+  strategy:
+    description: C(replace) (TRUNCATE and re-insert the kept rows) or C(delete) (DELETE then VACUUM FULL).
+    type: str
+    default: replace
+    choices: [replace, delete]
+  login_host: {description: Host or unix socket directory., type: str, default: ''}
+  login_port: {description: Port., type: int}
+  login_db: {description: Database., type: str}
+  login_user: {description: User., type: str}
+  login_password: {description: Password (never logged)., type: str}
+  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
+  connect_timeout: {description: Seconds., type: int, default: 10}
+notes:
+  - Tables referenced by another table's foreign key, partitioned tables and tables in an inheritance
+    tree are refused with a clear message: removing rows there would cascade or mix other tables in.
+"""
+
+EXAMPLES = r"""
+- name: Plan the deduplication
+  pg_dedup_plan:
+    login_host: db.example.com
+    login_db: breezeway
+    login_user: breezeway
+    login_password: "{{ dedup_db_password }}"
+    schema: breezeway
+    run_id: "20261125T210000Z"
+    tables:
+      - {name: task_requirements, natural_key: [task_pk, requirement_id]}
+  register: plan
+"""
+
+RETURN = r"""
+deploy_id:
+  description: The run id of this deploy (an unfinished one's when resuming).
+  returned: always
+  type: str
+resumed:
+  description: Whether an unfinished deploy is resumed.
+  returned: always
+  type: bool
+server:
+  description: version_num, in_recovery, is_superuser, database_size, data_directory (when readable), current_user.
+  returned: always
+  type: dict
+ledger:
+  description: exists, the resumed run's row (dump path, sha256, ...) and the finished table statuses.
+  returned: always
+  type: dict
+tables:
+  description: Per table, the facts used by sql/migrate_table.sql.j2.
+  returned: always
+  type: list
+"""
+
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_pg import (
+    DedupPgError,
+    check_columns,
+    connect,
+    error_text,
+    find_equivalent_unique,
+    get_table,
+    pg_common_argument_spec,
+    server_version_num,
+    validate_identifier,
+)
+from ansible.module_utils.dedup_plan import backup_table_name
+
+try:
+    from psycopg2 import sql
+except ImportError:  # pragma: no cover
+    sql = None
+
+
+def _ledger(cur, backup_schema, run_id, resume):
+    cur.execute(
+        "SELECT to_regclass(format('%%I.%%I', %s::text, 'runs')) IS NOT NULL, "
+        "to_regclass(format('%%I.%%I', %s::text, 'table_runs')) IS NOT NULL",
+        (backup_schema, backup_schema),
+    )
+    runs_ok, tables_ok = cur.fetchone()
+    out = {"exists": bool(runs_ok and tables_ok), "resumed_run": None, "table_status": {}, "runs": []}
+    deploy_id, resumed = run_id, False
+    if not out["exists"]:
+        return out, deploy_id, resumed
+    runs = sql.Identifier(backup_schema, "runs")
+    cur.execute(
+        sql.SQL(
+            "SELECT run_id, kind, status, environment, dump_path, dump_sha256, dump_bytes, dump_host, "
+            "etl_release_before, to_char(started_at, 'YYYY-MM-DD\"T\"HH24:MI:SSOF') "
+            "FROM {} ORDER BY started_at DESC LIMIT 20"
+        ).format(runs)
+    )
+    cols = [d[0] for d in cur.description]
+    out["runs"] = [dict(zip(cols, r)) for r in cur.fetchall()]
+    unfinished = [r for r in out["runs"] if r["kind"] == "deploy" and r["status"] in ("running", "failed")]
+    if resume and unfinished:
+        deploy_id, resumed = unfinished[0]["run_id"], True
+        out["resumed_run"] = unfinished[0]
+    cur.execute(
+        sql.SQL(
+            "SELECT table_name, status, backup_table, constraint_name, constraint_created, rows_before, rows_kept, "
+            "rows_removed, keep_fingerprint FROM {} WHERE run_id = %s"
+        ).format(sql.Identifier(backup_schema, "table_runs")),
+        (deploy_id,),
+    )
+    cols = [d[0] for d in cur.description]
+    out["table_status"] = {r[0]: dict(zip(cols, r)) for r in cur.fetchall()}
+    return out, deploy_id, resumed
+
+
+def _server(cur):
+    version = server_version_num(cur)
+    cur.execute(
+        "SELECT pg_is_in_recovery(), r.rolsuper, pg_database_size(current_database()), current_user, "
+        "current_database(), version(), "
+        "has_database_privilege(current_database(), 'CREATE'), "
+        "has_database_privilege(current_database(), 'TEMPORARY') "
+        "FROM pg_roles r WHERE r.rolname = current_user"
+    )
+    rec, sup, size, user, db, ver, can_create, can_temp = cur.fetchone()
+    cur.execute(
+        "SELECT CASE WHEN pg_has_role(current_user, 'pg_read_all_settings', 'member') OR %s "
+        "THEN current_setting('data_directory') END",
+        (bool(sup),),
+    )
+    datadir = cur.fetchone()[0]
+    return {
+        "version_num": version, "version": ver, "in_recovery": bool(rec), "is_superuser": bool(sup),
+        "database_size": size, "current_user": user, "database": db, "data_directory": datadir,
+        "can_create_schema": bool(can_create), "can_create_temp": bool(can_temp),
+    }
+
+
+def _plan_table(module, cur, schema, spec, strategy, deploy_id, status):
+    name = spec.get("name")
+    info = get_table(cur, schema, name, module, refuse_partitioned=True, refuse_inheritance=True)
+    key = check_columns(info, spec.get("natural_key") or [], module, "natural-key column")
+    keep = spec.get("keep") or "oldest"
+    if keep not in ("oldest", "newest"):
+        module.fail_json(msg='table "%s": keep must be oldest or newest, not %r' % (name, keep))
+    pk = info["primary_key"]
+    order_by = spec.get("order_by") or (pk[0] if len(pk) == 1 else None)
+    if order_by is None:
+        module.fail_json(msg='table "%s"."%s" has no single-column primary key: set order_by for it in dedup_tables '
+                             '(the column that decides which row is the oldest)' % (schema, name))
+    check_columns(info, [order_by], module, "order_by column")
+    if info["referenced_by"]:
+        refs = "; ".join("%s (%s)" % (r["table"], r["name"]) for r in info["referenced_by"])
+        module.fail_json(msg='table "%s"."%s" is referenced by foreign keys of other tables: %s. Removing its '
+                             'duplicate rows would orphan or cascade to those rows; repoint them to the kept row '
+                             'or leave this table out of dedup_tables.' % (schema, name, refs))
+    cur.execute(
+        "SELECT pg_total_relation_size(%s), pg_relation_size(%s), greatest(reltuples, 0)::bigint, "
+        "has_table_privilege(%s, 'SELECT,INSERT,DELETE,TRUNCATE'), pg_has_role(relowner, 'USAGE') "
+        "FROM pg_class WHERE oid = %s",
+        (info["oid"], info["oid"], info["oid"], info["oid"]),
+    )
+    total_size, heap_size, estimate, has_privs, is_owner = cur.fetchone()
+    missing = []
+    for priv in ("SELECT", "INSERT", "DELETE", "TRUNCATE"):
+        cur.execute("SELECT has_table_privilege(%s, %s)", (info["oid"], priv))
+        if not cur.fetchone()[0]:
+            missing.append(priv)
+    cur.execute(
+        "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, l.mode, "
+        "extract(epoch FROM now() - a.xact_start)::int, left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 160) "
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.relation = %s AND l.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL ORDER BY 1",
+        (info["oid"],),
+    )
+    blockers = [{"pid": r[0], "user": r[1], "application": r[2], "state": r[3], "mode": r[4],
+                 "xact_seconds": r[5], "query": r[6]} for r in cur.fetchall()]
+    cols = {c["name"]: c for c in info["columns"]}
+    insert_columns = [c["name"] for c in info["columns"] if not c["generated"]]
+    existing = [e for e in find_equivalent_unique(cur, info["oid"], key) if e["usable"] and not e["primary_key"]]
+    return {
+        "schema": schema,
+        "table": name,
+        "oid": info["oid"],
+        "natural_key": key,
+        "keep": keep,
+        "order_by": order_by,
+        "pk": pk,
+        "rowid": pk if pk else ["ctid"],
+        "hashagg": len(pk) == 1 and order_by == pk[0],
+        "insert_columns": insert_columns,
+        "identity_always": any(c["identity"] == "a" for c in info["columns"]),
+        "triggers": [t for t in info["triggers"] if t["enabled"] in ("O", "A", "R")],
+        "strategy": strategy,
+        "size_before": total_size,
+        "heap_size": heap_size,
+        "rows_estimate": estimate,
+        "missing_privileges": missing,
+        "is_owner": bool(is_owner),
+        "key_nullable": [c for c in key if not cols[c]["not_null"]],
+        "existing_constraint": existing[0] if existing else None,
+        "lock_holders": blockers,
+        "backup_table": backup_table_name(name, deploy_id),
+        "ledger": status.get(name),
+    }
+
+
+def main():
+    argument_spec = pg_common_argument_spec()
+    argument_spec.update(
+        schema=dict(type="str", required=True),
+        tables=dict(type="list", elements="dict", required=True),
+        backup_schema=dict(type="str", default="dedup_rollout"),
+        run_id=dict(type="str", required=True),
+        resume=dict(type="bool", default=True),
+        strategy=dict(type="str", default="replace", choices=["replace", "delete"]),
+    )
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    p = module.params
+    if not p["tables"]:
+        module.fail_json(msg="dedup_tables is empty: name at least one table and its natural key")
+    try:
+        validate_identifier(p["schema"], "schema", module)
+        validate_identifier(p["backup_schema"], "backup schema", module)
+        conn = connect(module, autocommit=False, readonly=True)
+        cur = conn.cursor()
+        server = _server(cur)
+        ledger, deploy_id, resumed = _ledger(cur, p["backup_schema"], p["run_id"], p["resume"])
+        seen = set()
+        tables = []
+        for spec in p["tables"]:
+            if spec.get("name") in seen:
+                module.fail_json(msg='table "%s" is listed twice in dedup_tables' % spec.get("name"))
+            seen.add(spec.get("name"))
+            tables.append(_plan_table(module, cur, p["schema"], spec, p["strategy"], deploy_id,
+                                      ledger["table_status"]))
+        conn.rollback()
+        conn.close()
+    except DedupPgError as exc:
+        module.fail_json(msg=str(exc))
+    except Exception as exc:  # noqa: BLE001 - report any driver error readably
+        module.fail_json(msg="planning failed: %s" % error_text(exc, module), exception=traceback.format_exc())
+    module.exit_json(changed=False, deploy_id=deploy_id, resumed=resumed, server=server, ledger=ledger,
+                     tables=tables)
+
+
+if __name__ == "__main__":
+    main()

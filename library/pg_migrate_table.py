@@ -1,0 +1,203 @@
+#!/usr/bin/python
+"""Apply one table's rendered migration (sql/migrate_table.sql.j2) in one transaction, with lock retries."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: pg_migrate_table
+short_description: Apply one table's rendered deduplication in a single transaction
+description:
+  - Runs the C(-- @step) sections of a migration rendered from C(sql/migrate_table.sql.j2) in one
+    transaction (the file's own BEGIN/COMMIT are replaced by the module's), timing every step.
+  - When a lock cannot be had within the file's C(lock_timeout) (or another session holds an older
+    snapshot), the whole transaction is rolled back and retried after C(retry_delay), at most
+    C(retries) times; then it fails naming the sessions in the way. Nothing is half-applied.
+  - After the commit it runs C(ANALYZE) (and C(VACUUM FULL) for the delete strategy) on the table.
+  - In check mode nothing is executed; the module says what it would run.
+version_added: "1.0.0"
+author: dedup-rollout
+options:
+  sql:
+    description: The rendered migration text.
+    type: str
+    required: true
+  schema:
+    description: Schema of the table (for the post-commit maintenance and messages).
+    type: str
+    required: true
+  table:
+    description: The table.
+    type: str
+    required: true
+  strategy:
+    description: replace or delete (delete is followed by VACUUM FULL).
+    type: str
+    default: replace
+    choices: [replace, delete]
+  retries:
+    description: How many times a lock timeout is retried.
+    type: int
+    default: 5
+  retry_delay:
+    description: Seconds between attempts.
+    type: float
+    default: 3
+  login_host: {description: Host or unix socket directory., type: str, default: ''}
+  login_port: {description: Port., type: int}
+  login_db: {description: Database., type: str}
+  login_user: {description: User., type: str}
+  login_password: {description: Password (never logged)., type: str}
+  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
+  connect_timeout: {description: Seconds., type: int, default: 10}
+"""
+
+EXAMPLES = r"""
+- name: Deduplicate task_requirements
+  pg_migrate_table:
+    login_db: breezeway
+    schema: breezeway
+    table: task_requirements
+    sql: "{{ lookup('ansible.builtin.file', report_dir ~ '/sql/01_task_requirements.sql') }}"
+"""
+
+RETURN = r"""
+ledger:
+  description: rows_before, rows_kept, rows_removed, keep_fingerprint as recorded in the ledger.
+  returned: success
+  type: dict
+steps:
+  description: Name and seconds of every step of the successful attempt.
+  returned: success
+  type: list
+attempts:
+  description: Attempts made (1 = no lock retry was needed).
+  returned: always
+  type: int
+seconds:
+  description: Wall time including retries and maintenance.
+  returned: always
+  type: float
+"""
+
+import time
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_pg import (
+    DedupPgError,
+    connect,
+    error_text,
+    get_table,
+    lock_holders,
+    pg_common_argument_spec,
+)
+from ansible.module_utils.dedup_plan import split_steps
+
+try:
+    from psycopg2 import errors as pg_errors
+    from psycopg2 import sql
+except ImportError:  # pragma: no cover
+    pg_errors = None
+    sql = None
+
+RETRYABLE = ("55P03", "40P01", "40001")  # lock_not_available (and our snapshot guard), deadlock, serialization
+
+
+def run_once(conn, steps):
+    timings = []
+    ledger = None
+    with conn.cursor() as cur:
+        for name, body in steps:
+            t0 = time.monotonic()
+            cur.execute(body)
+            if name == "ledger":
+                row = cur.fetchone()
+                ledger = {"rows_before": row[0], "rows_kept": row[1], "rows_removed": row[2],
+                          "keep_fingerprint": row[3]}
+            timings.append({"step": name, "seconds": round(time.monotonic() - t0, 3), "rows": cur.rowcount})
+    conn.commit()
+    return timings, ledger
+
+
+def main():
+    argument_spec = pg_common_argument_spec()
+    argument_spec.update(
+        sql=dict(type="str", required=True),
+        schema=dict(type="str", required=True),
+        table=dict(type="str", required=True),
+        strategy=dict(type="str", default="replace", choices=["replace", "delete"]),
+        retries=dict(type="int", default=5),
+        retry_delay=dict(type="float", default=3.0),
+    )
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    p = module.params
+    steps = split_steps(p["sql"])
+    if not steps or steps[-1][0] != "ledger":
+        module.fail_json(msg="the migration text has no '-- @step' sections ending with the ledger step; "
+                             "render it from sql/migrate_table.sql.j2")
+    started = time.monotonic()
+    if module.check_mode:
+        module.exit_json(changed=True, attempts=0, seconds=0.0, steps=[{"step": n} for n, _ in steps],
+                         msg="would deduplicate %s.%s in one transaction (%d steps)" % (p["schema"], p["table"],
+                                                                                     len(steps)))
+    conn = connect(module, autocommit=False)
+    attempts = 0
+    last_error = None
+    timings = ledger = None
+    while attempts <= p["retries"]:
+        attempts += 1
+        try:
+            timings, ledger = run_once(conn, steps)
+            break
+        except Exception as exc:  # noqa: BLE001
+            code = getattr(exc, "pgcode", None)
+            conn.rollback()
+            if code in RETRYABLE and attempts <= p["retries"]:
+                last_error = error_text(exc, module)
+                time.sleep(p["retry_delay"])
+                continue
+            if code in RETRYABLE:
+                last_error = error_text(exc, module)
+                break
+            module.fail_json(
+                msg="migration of %s.%s failed and was rolled back (nothing changed in this table): %s"
+                    % (p["schema"], p["table"], error_text(exc, module)),
+                attempts=attempts, exception=traceback.format_exc())
+    if ledger is None:
+        holders = []
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                info = get_table(cur, p["schema"], p["table"])
+                holders = lock_holders(cur, info["oid"])
+        except (DedupPgError, Exception):  # noqa: BLE001 - best effort for the message
+            pass
+        who = "; ".join("pid %s (%s, %s, %s held=%s): %s" % (h["pid"], h["user"], h["state"], h["mode"],
+                                                             h["granted"], h["query"]) for h in holders)
+        module.fail_json(
+            msg="could not lock %s.%s after %d attempts (%s); nothing changed in this table. Sessions in the way: "
+                "%s. Stop them (or wait) and re-run: the run resumes here."
+                % (p["schema"], p["table"], attempts, last_error, who or "none left"),
+            attempts=attempts, blockers=holders)
+    # Maintenance after the commit (not in the transaction).
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        target = sql.Identifier(p["schema"], p["table"])
+        t0 = time.monotonic()
+        if p["strategy"] == "delete":
+            cur.execute(sql.SQL("VACUUM (FULL, ANALYZE) {}").format(target))
+            timings.append({"step": "vacuum_full_analyze", "seconds": round(time.monotonic() - t0, 3), "rows": -1})
+        else:
+            cur.execute(sql.SQL("ANALYZE {}").format(target))
+            timings.append({"step": "analyze", "seconds": round(time.monotonic() - t0, 3), "rows": -1})
+        cur.execute("SELECT pg_total_relation_size(%s::regclass)",
+                    (sql.Identifier(p["schema"], p["table"]).as_string(conn),))
+        size_after = cur.fetchone()[0]
+    conn.close()
+    module.exit_json(changed=True, ledger=ledger, steps=timings, attempts=attempts, size_after=size_after,
+                     seconds=round(time.monotonic() - started, 3))
+
+
+if __name__ == "__main__":
+    main()

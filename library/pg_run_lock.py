@@ -1,0 +1,233 @@
+#!/usr/bin/python
+"""Hold a session-level advisory lock for the whole run, so that two deploys never run at once."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: pg_run_lock
+short_description: Hold the dedup-rollout advisory lock for the duration of a play
+description:
+  - C(state=held) starts a small detached holder process on the target that connects to the database and
+    takes C(pg_try_advisory_lock) on a key derived from C(name). If another session holds it, the module
+    fails at once naming that session (application name, pid, since when).
+  - The holder keeps the lock until C(state=released), until the C(ansible-playbook) process that started
+    it is gone (when the play runs on the same machine, e.g. a killed play), or until C(max_seconds).
+  - Because an advisory lock lives with its session, a crashed holder never leaves a stale lock behind.
+version_added: "1.0.0"
+author: dedup-rollout
+options:
+  state:
+    description: held or released.
+    type: str
+    default: held
+    choices: [held, released]
+  name:
+    description: Lock name (hashed to the advisory lock key).
+    type: str
+    default: dedup-rollout
+  run_id:
+    description: Shown to whoever is refused.
+    type: str
+    default: ''
+  state_dir:
+    description: Directory (owner-only) where the holder keeps its pid file.
+    type: path
+    default: ~/.cache/dedup-rollout
+  max_seconds:
+    description: Longest the holder keeps the lock.
+    type: int
+    default: 43200
+  login_host: {description: Host or unix socket directory., type: str, default: ''}
+  login_port: {description: Port., type: int}
+  login_db: {description: Database., type: str}
+  login_user: {description: User., type: str}
+  login_password: {description: Password (never logged; handed to the holder through a pipe)., type: str}
+  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
+  connect_timeout: {description: Seconds., type: int, default: 10}
+"""
+
+EXAMPLES = r"""
+- name: Take the deploy lock
+  pg_run_lock:
+    state: held
+    run_id: "{{ dedup_run_id }}"
+    login_db: breezeway
+"""
+
+RETURN = r"""
+holder_pid:
+  description: Pid of the holder process.
+  returned: state=held
+  type: int
+"""
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_pg import conn_params, describe_connect_error, pg_common_argument_spec
+
+try:
+    import psycopg2
+except ImportError:  # pragma: no cover
+    psycopg2 = None
+
+
+def lock_key(name, dbname):
+    return int.from_bytes(hashlib.sha256(("%s/%s" % (name, dbname)).encode()).digest()[:8], "big", signed=True)
+
+
+def controller_pid():
+    """The top-most ansible-playbook ancestor of this process (only exists when the play runs locally)."""
+    pid, found = os.getppid(), None
+    for _ in range(40):
+        if pid <= 1:
+            break
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ")
+            with open("/proc/%d/stat" % pid) as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            break
+        if b"ansible-playbook" in cmd or b"ansible " in cmd:
+            found = pid
+        pid = ppid
+    return found
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def holder(kw, key, run_id, watch, max_seconds, pidfile, wfd):
+    """Runs in the detached child: take the lock, report, keep it while allowed."""
+    try:
+        conn = psycopg2.connect(**kw)
+        conn.autocommit = True
+        cur = conn.cursor()
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+        if not cur.fetchone()[0]:
+            cur.execute(
+                "SELECT a.pid, a.application_name, a.client_addr::text, a.backend_start::text FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                "AND l.objid = (%s::bigint & 4294967295)::oid AND l.database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())",
+                (key,),
+            )
+            rows = cur.fetchall()
+            os.write(wfd, json.dumps({"ok": False, "holders": rows}).encode())
+            return 1
+        with open(pidfile, "w") as fh:
+            fh.write("%d\n" % os.getpid())
+        os.write(wfd, json.dumps({"ok": True, "pid": os.getpid()}).encode())
+        os.close(wfd)
+        deadline = time.time() + max_seconds
+        stop = {"flag": False}
+        signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
+        while not stop["flag"] and time.time() < deadline and (watch is None or alive(watch)):
+            time.sleep(1)
+            cur.execute("SELECT 1")
+        conn.close()
+        return 0
+    except Exception as exc:  # noqa: BLE001
+        try:
+            os.write(wfd, json.dumps({"ok": False, "error": describe_connect_error(exc, kw)}).encode())
+        except OSError:
+            pass
+        return 1
+    finally:
+        try:
+            if os.path.exists(pidfile) and open(pidfile).read().strip() == str(os.getpid()):
+                os.unlink(pidfile)
+        except OSError:
+            pass
+
+
+def main():
+    argument_spec = pg_common_argument_spec()
+    argument_spec.update(
+        state=dict(type="str", default="held", choices=["held", "released"]),
+        name=dict(type="str", default="dedup-rollout"),
+        run_id=dict(type="str", default=""),
+        state_dir=dict(type="path", default="~/.cache/dedup-rollout"),
+        max_seconds=dict(type="int", default=43200),
+    )
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    p = module.params
+    kw = conn_params(p)
+    dbname = kw.get("dbname") or os.environ.get("PGDATABASE", "")
+    key = lock_key(p["name"], dbname)
+    state_dir = os.path.expanduser(p["state_dir"])
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    pidfile = os.path.join(state_dir, "lock-%x.pid" % (key & 0xFFFFFFFFFFFFFFFF))
+    if p["state"] == "released":
+        try:
+            pid = int(open(pidfile).read().strip())
+        except (OSError, ValueError):
+            module.exit_json(changed=False, msg="no lock held from this host")
+        if module.check_mode:
+            module.exit_json(changed=True, msg="would release the lock (holder pid %d)" % pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        for _ in range(50):
+            if not alive(pid):
+                break
+            time.sleep(0.1)
+        module.exit_json(changed=True, msg="lock released (holder pid %d)" % pid)
+    if psycopg2 is None:
+        module.fail_json(msg="the python psycopg2 library is required on the target")
+    kw["application_name"] = ("dedup-rollout/lock run=%s" % p["run_id"])[:63]
+    watch = controller_pid()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: detach completely, then hold the lock
+        os.close(rfd)
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os._exit(holder(kw, key, p["run_id"], watch, p["max_seconds"], pidfile, wfd))
+    os.close(wfd)
+    os.waitpid(pid, 0)
+    data = b""
+    deadline = time.time() + max(30, p["connect_timeout"] + 10)
+    while time.time() < deadline:
+        chunk = os.read(rfd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(rfd)
+    try:
+        res = json.loads(data.decode() or "{}")
+    except ValueError:
+        res = {}
+    if res.get("ok"):
+        # In check mode the lock is still taken: it changes nothing and keeps a real run out meanwhile.
+        module.exit_json(changed=False, holder_pid=res["pid"], watching_pid=watch, lock_key=key,
+                         msg="deploy lock held by pid %d" % res["pid"])
+    if res.get("holders") is not None:
+        who = "; ".join("pid %s (%s%s, connected since %s)" % (r[0], r[1], " from " + r[2] if r[2] else "", r[3])
+                        for r in res["holders"]) or "an unknown session"
+        module.fail_json(msg="another dedup-rollout run holds the lock on database %s: %s. Wait for it to finish; "
+                             "two deploys must never run at once." % (dbname, who))
+    module.fail_json(msg="could not take the deploy lock: %s" % res.get("error", "the holder did not answer"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Jinja2 filters for the SQL templates in sql/.
+
+Identifiers are validated (names that look like SQL are refused) and quoted the way
+``psycopg2.sql.Identifier`` / PostgreSQL's ``quote_ident`` do: always double-quoted, inner quotes doubled.
+Literals are quoted like ``psycopg2.sql.Literal`` for strings (standard_conforming_strings).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ansible.errors import AnsibleFilterError
+
+_SQLISH = re.compile(r";|--|/\*|\*/|[\x00\r\n]")
+
+
+def pg_ident(name, what="identifier"):
+    """Validate and double-quote one identifier."""
+    if not isinstance(name, str) or name == "":
+        raise AnsibleFilterError(f"dedup: empty or non-string {what}: {name!r}")
+    if len(name.encode()) > 63:
+        raise AnsibleFilterError(f"dedup: {what} {name!r} is longer than PostgreSQL's 63-byte limit")
+    if _SQLISH.search(name):
+        raise AnsibleFilterError(f"dedup: {what} {name!r} looks like SQL (contains ; -- /* */ or a control character); refused")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def pg_qident(parts):
+    """Schema-qualified name: ['s', 't'] -> "s"."t"."""
+    if isinstance(parts, str):
+        parts = [parts]
+    return ".".join(pg_ident(p) for p in parts)
+
+
+def pg_idents(names, prefix=""):
+    """Comma-separated quoted identifiers, optionally qualified by a table alias."""
+    pre = (prefix + ".") if prefix else ""
+    return ", ".join(pre + pg_ident(n) for n in names)
+
+
+def pg_literal(value):
+    """A SQL literal for str/int/float/bool/None."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    s = str(value)
+    if "\x00" in s:
+        raise AnsibleFilterError("dedup: NUL byte in a SQL literal")
+    return "'" + s.replace("'", "''") + "'"
+
+
+def pgpass_escape(value):
+    """Escape a .pgpass field (backslash and colon)."""
+    return str(value).replace("\\", "\\\\").replace(":", "\\:")
+
+
+def dedup_dup_spec(table):
+    """A dedup_tables entry reduced to what pg_duplicates takes."""
+    spec = {"name": table["name"], "natural_key": list(table["natural_key"])}
+    if table.get("ignore_columns"):
+        spec["ignore_columns"] = list(table["ignore_columns"])
+    return spec
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "pg_ident": pg_ident,
+            "pg_qident": pg_qident,
+            "pg_idents": pg_idents,
+            "pg_literal": pg_literal,
+            "dedup_dup_spec": dedup_dup_spec,
+            "pgpass_escape": pgpass_escape,
+        }
