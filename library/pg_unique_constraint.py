@@ -382,6 +382,26 @@ class UniqueConstraint:
         result["queries"] = self.queries
         return result
 
+    def attach(self, index, base):
+        """Our own valid index (a concurrent build interrupted before the attach): make it the constraint."""
+        m = self.module
+        existing = {"name": self.name, "type": "index", "definition": index["index_definition"], "valid": True}
+        result = dict(changed=True, name=self.name, action="attached_index", existing=existing, queries=[],
+                      nulls_not_distinct=index["nulls_not_distinct"], **base)
+        if m._diff:
+            result["diff"] = {"before": "{}: {}\n".format(self.name, index["index_definition"]),
+                              "after": f"{self.name}: UNIQUE USING INDEX {self.name}\n"}
+        if m.check_mode:
+            return result
+        attach = sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
+            qualified(self.schema, self.table), sql.Identifier(self.name), sql.Identifier(self.name))
+        try:
+            self.run_ddl([attach])
+        except psycopg2.Error as exc:
+            self.fail(f'attaching index "{self.name}" as a UNIQUE constraint failed: {error_text(exc, m)}')
+        result["queries"] = self.queries
+        return result
+
     def present(self):
         m = self.module
         p = m.params
@@ -405,6 +425,8 @@ class UniqueConstraint:
                 m.warn("ignored unusable unique index {} (valid={}, partial={}, expression={}): {}".format(
                     cand["index_name"], cand["valid"], cand["partial"], cand["expression"], cand["index_definition"]))
         base = dict(nullable_columns=nullable, table=self.table, schema=self.schema, columns=self.columns)
+        if equivalent is not None and equivalent["type"] == "index" and equivalent["index_name"] == self.name:
+            return self.attach(equivalent, base)
         if equivalent is not None:
             existing = {k: equivalent[k] for k in ("name", "type", "definition", "valid", "index_name",
                                                    "nulls_not_distinct", "columns")}

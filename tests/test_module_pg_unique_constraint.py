@@ -295,3 +295,15 @@ def test_partitioned_inherited_and_unprivileged(pg, db):
         assert catalog(pg, db) == before
     finally:
         pg.execute('REASSIGN OWNED BY uc_weak TO postgres; DROP OWNED BY uc_weak; DROP ROLE uc_weak', db)
+
+
+def test_own_valid_index_left_before_attach_is_attached(pg, db):
+    """A concurrent build interrupted between CREATE INDEX and the attach leaves our valid index: attach it."""
+    pg.execute("CREATE UNIQUE INDEX CONCURRENTLY t_a_b_key ON t (a, b)", db)
+    chk = uc(pg, db, check=True, table="t", columns=["a", "b"], concurrently=True)
+    assert chk["action"] == "attached_index" and chk["changed"] and chk["queries"] == []
+    assert constraint_def(pg, db, "t_a_b_key") is None
+    res = uc(pg, db, table="t", columns=["a", "b"], concurrently=True)
+    assert res["action"] == "attached_index" and "UNIQUE USING INDEX" in res["queries"][0], res
+    assert constraint_def(pg, db, "t_a_b_key") == "UNIQUE (a, b)"
+    assert uc(pg, db, table="t", columns=["a", "b"])["changed"] is False
