@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ansible.module_utils
 from ansible.module_utils.testing import patch_module_args
+
 from harness import REPO, VENV_BIN, ansible_env
 
 LIBRARY = REPO / "library"

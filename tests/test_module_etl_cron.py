@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+
 from modkit import ansible_doc, run_adhoc, run_module
 
 TEST_USER = "dedup_crontest"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from modkit import ansible_doc, pg_args, run_adhoc, run_module
 
 SETUP = """

@@ -7,6 +7,7 @@ import time
 
 import psycopg2
 import pytest
+
 from harness import free_port
 from modkit import ansible_doc, pg_args, run_adhoc, run_module
 
