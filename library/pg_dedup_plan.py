@@ -209,7 +209,8 @@ def _plan_table(module, cur, schema, spec, strategy, deploy_id, status):
             missing.append(priv)
     cur.execute(
         "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, l.mode, "
-        "extract(epoch FROM now() - a.xact_start)::int, left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 160) "
+        "extract(epoch FROM now() - a.xact_start)::int, "
+        "left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 160) "
         "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
         "WHERE l.relation = %s AND l.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL ORDER BY 1",
         (info["oid"],),

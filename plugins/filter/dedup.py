@@ -21,7 +21,9 @@ def pg_ident(name, what="identifier"):
     if len(name.encode()) > 63:
         raise AnsibleFilterError(f"dedup: {what} {name!r} is longer than PostgreSQL's 63-byte limit")
     if _SQLISH.search(name):
-        raise AnsibleFilterError(f"dedup: {what} {name!r} looks like SQL (contains ; -- /* */ or a control character); refused")
+        raise AnsibleFilterError(
+            f"dedup: {what} {name!r} looks like SQL (contains ; -- /* */ or a control character); refused"
+        )
     return '"' + name.replace('"', '""') + '"'
 
 
