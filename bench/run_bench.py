@@ -427,6 +427,8 @@ def write_vars(ctx: dict, db: str, workdir: Path, backup_mode: str, extra: dict 
         "dedup_backup_mode": backup_mode,
         "dedup_report_root": str(report_root),
         "dedup_backup_dir": str(backup_dir),
+        # An explicit run id (an operator variable, see dedup_common defaults): reports are easy to find.
+        "dedup_run_id": f"bench-{workdir.parent.parent.name.removeprefix('run-')}-{workdir.name}",
     }
     data.update(extra or {})
     path = workdir / "vars.json"
@@ -456,6 +458,8 @@ def contender_b(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) 
     out.update(rc=rc, timed_out=timed_out, recap=parse_recap(text))
     if timed_out or rc != 0:
         out["error"] = "timed out" if timed_out else tail(logfile, 40)
+        msgs = re.findall(r"^\s*msg: (.*)$", text, re.M)
+        out["error_summary"] = "timed out" if timed_out else (msgs[-1] if msgs else tail(logfile, 1))[:300]
     dumps = [p for p in (workdir / "backup").rglob("*") if p.is_file()]
     out["backup_dir_files"] = {str(p.relative_to(workdir)): mb(p.stat().st_size) for p in dumps}
     return out
@@ -506,6 +510,8 @@ def measure(ctx: dict, name: str, scale: float, src: str, spec: dict) -> dict:
         "child_tables_size_after_mb": mb(cluster.scalar(
             "SELECT sum(pg_total_relation_size(format('%%I.%%I', %s::text, t)::regclass)) FROM unnest(%s::text[]) t",
             db, (SCHEMA, [t["name"] for t in TABLES]))),
+        "child_rows": sum(t["rows"] for t in spec.values()),
+        "seconds_per_million_rows": round(seconds / max(1, sum(t["rows"] for t in spec.values())) * 1e6, 3),
         "writer_max_stall_ms": round(writer.max_latency * 1000, 1),
         "writer_rows": writer.committed,
         "writer_errors": writer.errors,
@@ -657,19 +663,26 @@ def summarize(rows: list[dict]) -> None:
 
 def table_text(rows: list[dict], dupchecks: list[dict]) -> str:
     hdr = ["contender", "scale", "status", "seconds", "WAL MB", "peak extra disk MB", "size after MB",
-           "max writer stall ms", "ratio vs best A"]
+           "max writer stall ms", "ratio vs best A", "WAL: best A / this", "ansible peak RSS MB"]
     lines = []
+    notes = []
     for r in rows:
         if r["contender"] == "dupcheck":
             continue
         ratio = r.get("ratio_vs_best_a")
+        wal_ratio = r.get("wal_ratio_vs_best_a")
         sec = r["seconds"] if r["status"] != "timeout" else f">{r['seconds']}"
         lines.append([r["contender"], r["scale"], r["status"], sec, r["wal_mb"], r["peak_extra_disk_mb"],
-                      r["db_size_after_mb"], r["writer_max_stall_ms"], "-" if ratio is None else f"{ratio}x"])
+                      r["db_size_after_mb"], r["writer_max_stall_ms"], "-" if ratio is None else f"{ratio}x",
+                      "-" if wal_ratio is None else f"{wal_ratio}x", r.get("ansible_peak_rss_mb", "-")])
+        if r["status"] not in ("ok",):
+            why = r["detail"].get("error_summary") or str(r["detail"].get("error", ""))[:300]
+            notes.append(f"{r['contender']} at scale {r['scale']}: {r['status']}: {why}")
     cells = [hdr] + [[str(c) for c in ln] for ln in lines]
     widths = [max(len(row[i]) for row in cells) for i in range(len(hdr))]
     fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     out = [fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(c) for c in cells[1:]]
+    out += notes
     for d in dupchecks:
         if d.get("status") == "ok":
             out.append(f"\npg_duplicates at scale {d['scale']}: module task {d['module_seconds']} s (net of a ping "
