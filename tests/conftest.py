@@ -11,6 +11,8 @@ from harness import REPO, PgCluster, destroy_cluster, run_playbook, start_cluste
 
 os.environ.setdefault("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))
 
+pytest_plugins = ["labkit"]
+
 
 @pytest.fixture(scope="session")
 def pg() -> PgCluster:
