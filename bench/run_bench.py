@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,8 +37,9 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import psycopg2  # noqa: E402
-from harness import PgCluster, ansible_env, free_port, parse_recap, server_os_user  # noqa: E402
 from psycopg2 import sql  # noqa: E402
+
+from harness import PgCluster, ansible_env, free_port, parse_recap, server_os_user  # noqa: E402
 
 SCHEMA = "breezeway"
 # The project's table list (roles/dedup_common/defaults/main.yml): name and natural key.
@@ -732,6 +734,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A plain kill (SIGTERM) unwinds like Ctrl-C: the finally blocks stop the cluster and clean up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     workroot = args.workdir.resolve()
     cluster = start_bench_cluster(workroot)
