@@ -13,6 +13,8 @@ command -v pg_dump >/dev/null 2>&1 || need_pkgs+=(postgresql-client)
 command -v crontab >/dev/null 2>&1 || need_pkgs+=(cron)
 command -v pgbench >/dev/null 2>&1 || need_pkgs+=(postgresql-contrib)
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)
+# The lab's ETL runs as its own OS user with the system python3 (a root venv is not readable by it).
+/usr/bin/python3 -c 'import psycopg2' >/dev/null 2>&1 || need_pkgs+=(python3-psycopg2)
 command -v make >/dev/null 2>&1 || need_pkgs+=(make)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 
