@@ -450,14 +450,22 @@ def contender_b(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) 
     inv = write_inventory(workdir)
     varsfile = write_vars(ctx, db, workdir, mode, extra)
     logfile = workdir / "ansible.log"
+    timer_file = workdir / "task_times.json"
     cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(MIGRATE_PLAYBOOK), "-i", str(inv),
            "-e", f"@{varsfile}"]
     try:
-        rc, timed_out = run_process(cmd, ansible_env(), logfile, ctx["timeout"], sampler=sampler, cwd=REPO)
+        rc, timed_out = run_process(cmd, ansible_env(timer_env(timer_file)), logfile, ctx["timeout"],
+                                    sampler=sampler, cwd=REPO)
     finally:
         varsfile.unlink(missing_ok=True)  # it holds the password
     text = logfile.read_text(errors="replace")
     out.update(rc=rc, timed_out=timed_out, recap=parse_recap(text))
+    out.update(task_times(timer_file))
+    # The migrate role's per-table summary ("t: N -> M rows ... in S s"): the SQL work of each table.
+    per_table = re.findall(r"msg: '(\w+): (\d+) -> (\d+) rows.*? in ([\d.]+) s \(", text, re.S)
+    if per_table:
+        out["migrate_table_seconds"] = {t: float(sec) for t, _n, _m, sec in per_table}
+        out["migrate_tables_total_seconds"] = round(sum(float(x[3]) for x in per_table), 3)
     if timed_out or rc != 0:
         out["error"] = "timed out" if timed_out else tail(logfile, 40)
         msgs = re.findall(r"^\s*msg: (.*)$", text, re.M)
@@ -465,6 +473,24 @@ def contender_b(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) 
     dumps = [p for p in (workdir / "backup").rglob("*") if p.is_file()]
     out["backup_dir_files"] = {str(p.relative_to(workdir)): mb(p.stat().st_size) for p in dumps}
     return out
+
+
+def timer_env(path: Path) -> dict[str, str]:
+    """Enable bench/callback_plugins/bench_timer.py (per-task wall time) for one ansible run."""
+    configured = os.environ.get("ANSIBLE_CALLBACK_PLUGINS", "")
+    return {"ANSIBLE_CALLBACK_PLUGINS": ":".join(filter(None, [str(BENCH / "callback_plugins"), configured])),
+            "ANSIBLE_CALLBACKS_ENABLED": "bench_timer", "BENCH_TIMER_FILE": str(path)}
+
+
+def task_times(path: Path, top: int = 12) -> dict:
+    """The slowest tasks and the playbook's own total, from the bench_timer callback's file."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    tasks = doc.get("tasks", [])
+    return {"ansible_total_seconds": doc.get("total_seconds"), "task_count": len(tasks),
+            "slowest_tasks": sorted(tasks, key=lambda t: -t["seconds"])[:top]}
 
 
 CONTENDER_FUNCS = {"A1": contender_a, "A2": contender_a, "B-table": contender_b, "B-dump": contender_b,
