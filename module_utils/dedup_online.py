@@ -1,0 +1,619 @@
+# -*- coding: utf-8 -*-
+"""Online deduplication of one table while its writers keep running (used by library/pg_online_dedup.py).
+
+The steps, each idempotent, so that a re-run after an interruption finds the state in the catalog and
+continues:
+
+1. backup    the owner-only backup table (LIKE the table) and the table's ledger row (status
+             deduplicated, strategy online, rows_removed counted up batch by batch);
+2. helper    a plain index on the natural key, built CONCURRENTLY, so the guard's look-ups are cheap;
+3. guard     a BEFORE INSERT / BEFORE UPDATE OF <key> trigger: an INSERT whose key already exists is
+             skipped (what the old ETL's ON CONFLICT DO NOTHING does once the constraint exists); an UPDATE
+             that would move a row onto an existing key fails with unique_violation (what the constraint
+             will do). New keys are serialised with pg_advisory_xact_lock(class, bucket), the bucket a hash
+             of the key modulo ``lock_buckets``: never one lock per key;
+4. keep-set  read from a snapshot (no lock beyond ACCESS SHARE): per duplicated key, the row to keep;
+5. batches   at most ``batch_rows`` rows per transaction: DELETE ... RETURNING into the backup table and
+             the ledger counter, in the same transaction; a pause between batches; plain VACUUM now and
+             then;
+6. index     CREATE UNIQUE INDEX CONCURRENTLY under the constraint's name;
+7. attach    ALTER TABLE ... ADD CONSTRAINT ... UNIQUE USING INDEX and DROP TRIGGER in one transaction
+             under a short lock_timeout, retried;
+8. cleanup   guard function and helper index dropped; VACUUM (ANALYZE); pg_repack when the server has it.
+
+All SQL is composed with psycopg2.sql.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+from ansible.module_utils.dedup_pg import (
+    DedupPgError,
+    conn_params,
+    find_equivalent_unique,
+    fit_name,
+    get_table,
+    qualified,
+    server_version_num,
+)
+
+try:
+    import psycopg2
+    from psycopg2 import sql
+except ImportError:  # pragma: no cover
+    psycopg2 = None
+    sql = None
+
+# Advisory lock class of the guard (pg_advisory_xact_lock(int, int) form; never collides with the run
+# lock of pg_run_lock, which uses the single-bigint form). 0x64647570 = "ddup".
+GUARD_LOCK_CLASS = 1684305264
+GUARD_TRIGGER = "zz_dedup_rollout_guard"   # fires after the table's own BEFORE triggers (name order)
+DOLLAR_TAG = "$dedup_guard$"
+LOCK_NOT_AVAILABLE = "55P03"
+RETRYABLE = ("55P03", "40P01", "40001")
+UNIQUE_VIOLATION = "23505"
+
+
+def constraint_name(table, columns):
+    """The default name pg_unique_constraint gives (so constraints.yml finds ours)."""
+    return fit_name("_".join([table, *columns, "key"]))
+
+
+def guard_function_name(schema, table):
+    return fit_name("online_guard__%s__%s" % (schema, table))
+
+
+def helper_index_name(table):
+    return fit_name("%s_dedup_online_idx" % table)
+
+
+class OnlineDedup:
+    """One table. ``p`` is the module's params; ``log`` collects executed statements."""
+
+    def __init__(self, module):
+        self.module = module
+        self.p = module.params
+        self.queries = []
+        self._seen = set()
+        self.conn = None
+        self.result = {"steps": [], "batches": 0, "rows_removed": 0, "lock_attempts": 0,
+                       "longest_batch_seconds": 0.0, "longest_lock_seconds": 0.0, "vacuums": 0,
+                       "repacked": False}
+
+    # ------------------------------------------------------------------ plumbing
+    def _text(self, stmt):
+        return stmt.as_string(self.conn) if hasattr(stmt, "as_string") else str(stmt)
+
+    def _log(self, stmt):
+        text = self._text(stmt)
+        if text not in self._seen:
+            self._seen.add(text)
+            self.queries.append(text)
+
+    def execute(self, cur, stmt, params=None):
+        self._log(stmt)
+        cur.execute(stmt, params)
+
+    def one(self, stmt, params=None):
+        with self.conn.cursor() as cur:
+            cur.execute(stmt, params)
+            return cur.fetchone()
+
+    def step(self, name, seconds, **kw):
+        self.result["steps"].append(dict(step=name, seconds=round(seconds, 3), **kw))
+
+    def set_session(self, cur, lock_timeout="0", statement_timeout="0"):
+        cur.execute("SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+                    (lock_timeout, statement_timeout))
+
+    def short_transaction(self, statements, what):
+        """Run statements in one transaction under the short lock_timeout; retry on lock timeouts."""
+        p = self.p
+        last = None
+        for attempt in range(1, max(0, p["retries"]) + 2):
+            self.result["lock_attempts"] += 1
+            t0 = time.monotonic()
+            try:
+                self.conn.autocommit = False
+                with self.conn.cursor() as cur:
+                    cur.execute("SELECT set_config('lock_timeout', %s, true)", (p["lock_timeout"],))
+                    for stmt in statements:
+                        self.execute(cur, stmt)
+                self.conn.commit()
+                self.result["longest_lock_seconds"] = max(self.result["longest_lock_seconds"],
+                                                          round(time.monotonic() - t0, 3))
+                self.conn.autocommit = True
+                return attempt
+            except psycopg2.Error as exc:
+                self.conn.rollback()
+                self.conn.autocommit = True
+                if getattr(exc, "pgcode", None) not in RETRYABLE:
+                    raise
+                last = exc
+                time.sleep(max(0.0, p["retry_delay"]))
+        raise DedupPgError("%s: could not get the table lock within lock_timeout=%s in %d attempts (%s); writers "
+                           "were never queued longer than that. Re-run later: the run resumes here."
+                           % (what, p["lock_timeout"], p["retries"] + 1, str(last).strip()))
+
+    # ------------------------------------------------------------------ catalog state
+    def load(self):
+        p = self.p
+        with self.conn.cursor() as cur:
+            self.version = server_version_num(cur)
+            self.info = get_table(cur, p["schema"], p["table"], refuse_partitioned=True, refuse_inheritance=True)
+        cols = {c["name"]: c for c in self.info["columns"]}
+        for c in p["natural_key"]:
+            if c not in cols:
+                raise DedupPgError('natural-key column "%s" does not exist in %s.%s' % (c, p["schema"], p["table"]))
+        pk = self.info["primary_key"]
+        if len(pk) != 1:
+            raise DedupPgError('%s.%s: online mode walks the table by a single-column primary key, and this table has '
+                               '%s; use dedup_mode=offline for it' % (p["schema"], p["table"],
+                                                                    "none" if not pk else "a composite one"))
+        self.pk = pk[0]
+        self.order_by = p["order_by"] or self.pk
+        if self.order_by not in cols:
+            raise DedupPgError('order_by column "%s" does not exist in %s.%s' % (self.order_by, p["schema"],
+                                                                                p["table"]))
+        self.nullable = {c: not cols[c]["not_null"] for c in p["natural_key"]}
+        for name in [p["schema"], p["table"], *p["natural_key"], p["backup_schema"]]:
+            if DOLLAR_TAG in name:
+                raise DedupPgError("identifier %r contains %s" % (name, DOLLAR_TAG))
+        self.tbl = qualified(p["schema"], p["table"])
+        self.cname = p["constraint_name"] or constraint_name(p["table"], p["natural_key"])
+        self.func = sql.Identifier(p["backup_schema"], guard_function_name(p["schema"], p["table"]))
+        self.helper = helper_index_name(p["table"])
+        self.backup = sql.Identifier(p["backup_schema"], p["backup_table"]) if p["backup_table"] else None
+        self.ledger = sql.Identifier(p["backup_schema"], "table_runs")
+
+    def state(self):
+        """What the catalog says about this table's online migration."""
+        oid = self.info["oid"]
+        with self.conn.cursor() as cur:
+            found = find_equivalent_unique(cur, oid, self.p["natural_key"])
+            cur.execute("SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = %s AND tgname = %s",
+                        (oid, GUARD_TRIGGER))
+            trigger = cur.fetchone()[0] > 0
+            cur.execute("SELECT to_regprocedure(%s) IS NOT NULL", (self._text(self.func) + "()",))
+            function = cur.fetchone()[0]
+            cur.execute(
+                "SELECT ic.relname, i.indisvalid AND i.indisready FROM pg_catalog.pg_index i "
+                "JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = %s AND ic.relname = ANY(%s)",
+                (oid, [self.helper, self.cname]),
+            )
+            indexes = dict(cur.fetchall())
+            backup = False
+            if self.backup is not None:
+                cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self._text(self.backup),))
+                backup = cur.fetchone()[0]
+        want_nnd = bool(self.p["nulls_not_distinct"])
+        constraint = None
+        for cand in found:
+            if not cand["usable"] or cand["primary_key"]:
+                continue
+            if any(self.nullable.values()) and want_nnd and not cand["nulls_not_distinct"]:
+                continue
+            if cand["type"] == "index" and cand["index_name"] == self.cname:
+                continue  # our own index, built but not attached yet
+            constraint = cand
+            break
+        return {"constraint": constraint, "trigger": trigger, "function": function, "backup": backup,
+                "helper_index": indexes.get(self.helper), "unique_index": indexes.get(self.cname)}
+
+    # ------------------------------------------------------------------ SQL pieces
+    def _match(self, left, right_prefix):
+        """left.k = right.k for every key column (NULLs equal when the column is nullable)."""
+        parts = []
+        for c in self.p["natural_key"]:
+            lhs = sql.Identifier(left, c)
+            rhs = sql.SQL(right_prefix) + sql.Identifier(c) if right_prefix.endswith(".") else sql.Identifier(
+                right_prefix, c)
+            if self.nullable[c]:
+                parts.append(sql.SQL("({l} = {r} OR ({l} IS NULL AND {r} IS NULL))").format(l=lhs, r=rhs))
+            else:
+                parts.append(sql.SQL("{l} = {r}").format(l=lhs, r=rhs))
+        return sql.SQL(" AND ").join(parts)
+
+    def _keys(self, prefix=None):
+        if prefix and prefix.endswith("."):
+            return sql.SQL(", ").join(sql.SQL(prefix) + sql.Identifier(c) for c in self.p["natural_key"])
+        if prefix:
+            return sql.SQL(", ").join(sql.Identifier(prefix, c) for c in self.p["natural_key"])
+        return sql.SQL(", ").join(map(sql.Identifier, self.p["natural_key"]))
+
+    def guard_function_sql(self):
+        p = self.p
+        buckets = sql.Literal(int(p["lock_buckets"]))
+        return sql.SQL(
+            "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+            "SET search_path = pg_catalog, pg_temp AS $dedup_guard$\n"
+            "-- dedup-rollout online guard for {tname}: no new duplicate of ({kname}) while it is deduplicated.\n"
+            "BEGIN\n"
+            "    IF TG_OP = 'UPDATE' THEN\n"
+            "        IF ROW({new}) IS NOT DISTINCT FROM ROW({old}) THEN\n"
+            "            RETURN NEW;\n"
+            "        END IF;\n"
+            "    ELSIF EXISTS (SELECT 1 FROM ONLY {tbl} x WHERE {match}) THEN\n"
+            "        RETURN NULL;  -- key present (committed): skip, as ON CONFLICT DO NOTHING will\n"
+            "    END IF;\n"
+            "    -- a new key: serialise its writers on one of {buckets} buckets, then look again\n"
+            "    PERFORM pg_catalog.pg_advisory_xact_lock({cls}, pg_catalog.mod(pg_catalog.mod(\n"
+            "        pg_catalog.hashtextextended(ROW({new})::text, {seed}), {buckets}) + {buckets}, {buckets})::int);\n"
+            "    IF EXISTS (SELECT 1 FROM ONLY {tbl} x WHERE {match}) THEN\n"
+            "        IF TG_OP = 'INSERT' THEN\n"
+            "            RETURN NULL;\n"
+            "        END IF;\n"
+            "        RAISE EXCEPTION USING ERRCODE = 'unique_violation',\n"
+            "            MESSAGE = {msg}, DETAIL = 'Key (' || ROW({new})::text || ') already exists.';\n"
+            "    END IF;\n"
+            "    RETURN NEW;\n"
+            "END\n"
+            "$dedup_guard$"
+        ).format(
+            func=self.func, tname=sql.SQL(self._text(self.tbl).replace("\n", " ")),
+            kname=sql.SQL(", ".join(p["natural_key"])),
+            new=self._keys("NEW."), old=self._keys("OLD."), tbl=self.tbl, match=self._match("x", "NEW."),
+            buckets=buckets, cls=sql.Literal(GUARD_LOCK_CLASS), seed=sql.Literal(int(self.info["oid"])),
+            msg=sql.Literal("duplicate key value violates the dedup-rollout guard of %s.%s" % (p["schema"],
+                                                                                             p["table"])),
+        )
+
+    def guard_trigger_sql(self):
+        execute = "FUNCTION" if self.version >= 110000 else "PROCEDURE"
+        return sql.SQL("CREATE TRIGGER {trg} BEFORE INSERT OR UPDATE OF {keys} ON {tbl} FOR EACH ROW "
+                       "EXECUTE {kw} {func}()").format(trg=sql.Identifier(GUARD_TRIGGER), keys=self._keys(),
+                                                       tbl=self.tbl, kw=sql.SQL(execute), func=self.func)
+
+    # ------------------------------------------------------------------ steps
+    def ensure_backup(self):
+        p = self.p
+        t0 = time.monotonic()
+        stmts = []
+        if self.backup is not None:
+            stmts.append(sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {})").format(self.backup, self.tbl))
+            stmts.append(sql.SQL("REVOKE ALL ON {} FROM PUBLIC").format(self.backup))
+        stmts.append(sql.SQL(
+            "INSERT INTO {ledger} (run_id, schema_name, table_name, natural_key, keep, order_by, status, strategy, "
+            "backup_mode, backup_table, rows_removed, size_before, started_at) "
+            "VALUES ({run}, {schema}, {table}, {key}, {keep}, {order}, 'deduplicated', 'online', {mode}, {btable}, 0, "
+            "pg_catalog.pg_total_relation_size({regclass}::regclass), clock_timestamp()) "
+            "ON CONFLICT (run_id, schema_name, table_name) DO NOTHING"
+        ).format(ledger=self.ledger, run=sql.Literal(p["run_id"]), schema=sql.Literal(p["schema"]),
+                 table=sql.Literal(p["table"]), key=sql.Literal(list(p["natural_key"])),
+                 keep=sql.Literal(p["keep"]), order=sql.Literal(self.order_by),
+                 mode=sql.Literal(p["backup_mode"]), btable=sql.Literal(p["backup_table"]),
+                 regclass=sql.Literal(self._text(self.tbl))))
+        self.conn.autocommit = False
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self._text(self.ledger),))
+            if not cur.fetchone()[0]:
+                self.conn.rollback()
+                self.conn.autocommit = True
+                raise DedupPgError("the ledger %s does not exist: the backup role creates it (run deploy_dedup.yml)"
+                                   % self._text(self.ledger))
+            for stmt in stmts:
+                self.execute(cur, stmt)
+        self.conn.commit()
+        self.conn.autocommit = True
+        self.step("backup_table", time.monotonic() - t0)
+
+    def build_index(self, name, unique):
+        """CREATE [UNIQUE] INDEX CONCURRENTLY; an INVALID leftover of the same name is dropped first."""
+        t0 = time.monotonic()
+        cols = self._keys()
+        nnd = sql.SQL(" NULLS NOT DISTINCT") if unique and self.p["nulls_not_distinct"] else sql.SQL("")
+        drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qualified(self.p["schema"], name))
+        create = sql.SQL("CREATE {u}INDEX CONCURRENTLY {name} ON {tbl} ({cols}){nnd}").format(
+            u=sql.SQL("UNIQUE " if unique else ""), name=sql.Identifier(name), tbl=self.tbl, cols=cols, nnd=nnd)
+        with self.conn.cursor() as cur:
+            # waits for older transactions without blocking writers: no lock_timeout here
+            self.set_session(cur, "0", "0")
+            self.execute(cur, drop)
+            try:
+                self.execute(cur, sql.SQL("SET maintenance_work_mem = {}").format(
+                    sql.Literal(self.p["maintenance_work_mem"])))
+                self.execute(cur, create)
+            except psycopg2.Error:
+                cur.execute(drop)
+                raise
+        self.step("unique_index" if unique else "helper_index", time.monotonic() - t0)
+
+    def ensure_guard(self, st):
+        t0 = time.monotonic()
+        stmts = [self.guard_function_sql(),
+                 sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(self.func)]
+        if not st["trigger"]:
+            stmts.append(self.guard_trigger_sql())
+        attempts = self.short_transaction(stmts, "installing the guard trigger")
+        self.step("guard", time.monotonic() - t0, attempts=attempts)
+
+    def build_keep(self):
+        """Per duplicated key, the row to keep; read from one snapshot, no lock beyond ACCESS SHARE."""
+        p = self.p
+        t0 = time.monotonic()
+        keep = sql.Identifier("dedup_online_keep")
+        pk = sql.Identifier(self.pk)
+        if self.order_by == self.pk:
+            select = sql.SQL(
+                "SELECT {agg}({pk}) AS dedup_keep_id, {keys} FROM ONLY {tbl} GROUP BY {keys} HAVING count(*) > 1"
+            ).format(agg=sql.SQL("min" if p["keep"] == "oldest" else "max"), pk=pk, keys=self._keys(), tbl=self.tbl)
+        else:
+            direction = sql.SQL("ASC" if p["keep"] == "oldest" else "DESC")
+            select = sql.SQL(
+                "SELECT dedup_keep_id, {keys} FROM (SELECT DISTINCT ON ({keys}) {pk} AS dedup_keep_id, {keys}, "
+                "count(*) OVER (PARTITION BY {keys}) AS dedup_n FROM ONLY {tbl} "
+                "ORDER BY {keys}, {order} {dir}, {pk} {dir}) d WHERE dedup_n > 1"
+            ).format(keys=self._keys(), pk=pk, tbl=self.tbl, order=sql.Identifier(self.order_by), dir=direction)
+        self.conn.autocommit = False
+        self.conn.isolation_level = psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT set_config('work_mem', %s, true)", (p["work_mem"],))
+                self.execute(cur, sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(keep))
+                self.execute(cur, sql.SQL("CREATE TEMP TABLE {} AS ").format(keep) + select)
+                self.execute(cur, sql.SQL("SELECT count(*), max({pk}) FROM ONLY {tbl}").format(pk=pk, tbl=self.tbl))
+                rows_now, max_id = cur.fetchone()
+                self.execute(cur, sql.SQL("CREATE INDEX ON {} ({})").format(keep, self._keys()))
+                self.execute(cur, sql.SQL("ANALYZE {}").format(keep))
+                cur.execute(sql.SQL("SELECT count(*) FROM {}").format(keep))
+                groups = cur.fetchone()[0]
+            self.conn.commit()
+        finally:
+            self.conn.autocommit = True
+            self.conn.isolation_level = psycopg2.extensions.ISOLATION_LEVEL_DEFAULT
+        self.step("keep_set", time.monotonic() - t0, rows=rows_now, duplicated_keys=groups)
+        return rows_now, max_id, groups
+
+    def delete_batches(self, max_id):
+        """Remove the duplicates in pk windows of at most batch_rows rows, each window one transaction."""
+        p = self.p
+        t0 = time.monotonic()
+        pk = sql.Identifier(self.pk)
+        # %(lo)s is NULL for the first window (the planner folds "NULL IS NULL OR ..." away)
+        after = sql.SQL("(%(lo)s IS NULL OR {x}{pk} > %(lo)s)")
+        window = sql.SQL(
+            "SELECT max(w.{pk}) FROM (SELECT {pk} FROM ONLY {tbl} WHERE {after} AND {pk} <= %(hi)s "
+            "ORDER BY {pk} LIMIT %(n)s) w").format(pk=pk, tbl=self.tbl, after=after.format(x=sql.SQL(""), pk=pk))
+        delete = sql.SQL(
+            "DELETE FROM ONLY {tbl} x USING pg_temp.dedup_online_keep k "
+            "WHERE {after} AND x.{pk} <= %(whi)s AND {match} AND x.{pk} <> k.dedup_keep_id "
+            "AND EXISTS (SELECT 1 FROM ONLY {tbl} y WHERE y.{pk} = k.dedup_keep_id) RETURNING x.*"
+        ).format(tbl=self.tbl, pk=pk, match=self._match("x", "k"), after=after.format(x=sql.SQL("x."), pk=pk))
+        if self.backup is not None:
+            stmt = sql.SQL("WITH gone AS ({delete}) INSERT INTO {backup} SELECT * FROM gone").format(
+                delete=delete, backup=self.backup)
+        else:
+            stmt = delete
+        counter = sql.SQL(
+            "UPDATE {ledger} SET rows_removed = coalesce(rows_removed, 0) + %(n)s "
+            "WHERE run_id = %(run)s AND schema_name = %(schema)s AND table_name = %(table)s").format(
+                ledger=self.ledger)
+        if max_id is None:
+            return
+        lo = None
+        removed = batches = 0
+        while True:
+            with self.conn.cursor() as cur:
+                self.execute(cur, window, {"lo": lo, "hi": max_id, "n": int(p["batch_rows"])})
+                whi = cur.fetchone()[0]
+            if whi is None:
+                break
+            b0 = time.monotonic()
+            removed += self.batch(stmt, counter, lo, whi)
+            self.result["longest_batch_seconds"] = max(self.result["longest_batch_seconds"],
+                                                       round(time.monotonic() - b0, 3))
+            batches += 1
+            lo = whi
+            if p["vacuum_every"] and batches % int(p["vacuum_every"]) == 0:
+                self.vacuum(analyze=False)
+            if p["batch_pause"]:
+                time.sleep(float(p["batch_pause"]))
+        self.result["batches"] += batches
+        self.result["rows_removed"] += removed
+        self.step("batches", time.monotonic() - t0, batches=batches, rows_removed=removed)
+
+    def batch(self, stmt, counter, lo, whi):
+        """One window: delete + backup copy + ledger counter in one transaction (retried on lock timeouts)."""
+        p = self.p
+        last = None
+        for _attempt in range(max(0, p["retries"]) + 1):
+            try:
+                self.conn.autocommit = False
+                with self.conn.cursor() as cur:
+                    cur.execute("SELECT set_config('lock_timeout', %s, true), set_config('work_mem', %s, true)",
+                                (p["lock_timeout"], p["work_mem"]))
+                    self.execute(cur, stmt, {"lo": lo, "whi": whi})
+                    n = max(cur.rowcount, 0)
+                    if n:
+                        self.execute(cur, counter, {"n": n, "run": p["run_id"], "schema": p["schema"],
+                                                    "table": p["table"]})
+                self.conn.commit()
+                self.conn.autocommit = True
+                return n
+            except psycopg2.Error as exc:
+                self.conn.rollback()
+                self.conn.autocommit = True
+                if getattr(exc, "pgcode", None) not in RETRYABLE:
+                    raise
+                last = exc
+                time.sleep(max(0.0, p["retry_delay"]))
+        raise DedupPgError("a batch of %s.%s could not get its row locks in %d attempts (%s); nothing of that batch "
+                           "was applied. Re-run: the run resumes here." % (p["schema"], p["table"], p["retries"] + 1,
+                                                                          str(last).strip()))
+
+    def vacuum(self, analyze):
+        t0 = time.monotonic()
+        with self.conn.cursor() as cur:
+            self.set_session(cur, "0", "0")
+            self.execute(cur, sql.SQL("VACUUM {}{}").format(sql.SQL("(ANALYZE) " if analyze else ""), self.tbl))
+        self.result["vacuums"] += 1
+        self.result["vacuum_seconds"] = round(self.result.get("vacuum_seconds", 0.0) + time.monotonic() - t0, 3)
+
+    def attach(self, st):
+        t0 = time.monotonic()
+        stmts = [sql.SQL("ALTER TABLE {tbl} ADD CONSTRAINT {c} UNIQUE USING INDEX {c}").format(
+                     tbl=self.tbl, c=sql.Identifier(self.cname))]
+        stmts.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(GUARD_TRIGGER), self.tbl))
+        attempts = self.short_transaction(stmts, "attaching the UNIQUE constraint")
+        self.step("attach", time.monotonic() - t0, attempts=attempts)
+
+    def cleanup(self, st):
+        """Guard trigger (only when a constraint exists), function, helper index: whatever is left."""
+        t0 = time.monotonic()
+        did = False
+        if st["trigger"]:
+            self.short_transaction([sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(GUARD_TRIGGER), self.tbl)], "dropping the guard trigger")
+            did = True
+        with self.conn.cursor() as cur:
+            self.set_session(cur, self.p["lock_timeout"], "0")
+            if st["function"] or st["trigger"]:
+                self.execute(cur, sql.SQL("DROP FUNCTION IF EXISTS {}()").format(self.func))
+                did = True
+            if st["helper_index"] is not None:
+                self.set_session(cur, "0", "0")
+                self.execute(cur, sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                    qualified(self.p["schema"], self.helper)))
+                did = True
+        if did:
+            self.step("cleanup", time.monotonic() - t0)
+        return did
+
+    def finish_ledger(self, rows_before):
+        p = self.p
+        with self.conn.cursor() as cur:
+            self.execute(cur, sql.SQL(
+                "UPDATE {ledger} SET rows_before = coalesce(rows_before, %(before)s), "
+                "rows_kept = coalesce(rows_before, %(before)s) - rows_removed, "
+                "finished_at = clock_timestamp(), seconds = extract(epoch FROM clock_timestamp() - started_at), "
+                "constraint_name = %(cname)s, constraint_created = true, "
+                "size_after = pg_catalog.pg_total_relation_size(%(reg)s::regclass) "
+                "WHERE run_id = %(run)s AND schema_name = %(schema)s AND table_name = %(table)s "
+                "RETURNING rows_before, rows_kept, rows_removed"
+            ).format(ledger=self.ledger), {"before": rows_before, "cname": self.cname, "reg": self._text(self.tbl),
+                                            "run": p["run_id"], "schema": p["schema"], "table": p["table"]})
+            row = cur.fetchone()
+        if row:
+            self.result["ledger"] = {"rows_before": row[0], "rows_kept": row[1], "rows_removed": row[2]}
+
+    # ------------------------------------------------------------------ space
+    def sizes(self):
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_catalog.pg_total_relation_size(c.oid), pg_catalog.pg_relation_size(c.oid), "
+                "greatest(c.reltuples, 0)::bigint, "
+                "(SELECT coalesce(sum(s.avg_width), 0) FROM pg_catalog.pg_stats s "
+                " WHERE s.schemaname = %s AND s.tablename = %s) "
+                "FROM pg_catalog.pg_class c WHERE c.oid = %s",
+                (self.p["schema"], self.p["table"], self.info["oid"]))
+            total, heap, tuples, width = cur.fetchone()
+        # live heap estimate: tuples x (row width + 24-byte tuple header + 4-byte line pointer), pages 90% full
+        live = int(tuples * (int(width) + 28) / 0.9)
+        return {"total_bytes": total, "heap_bytes": heap, "live_rows_estimate": tuples,
+                "heap_bloat_bytes_estimate": max(0, heap - live)}
+
+    def repack_available(self):
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_repack'")
+            row = cur.fetchone()
+        binary = shutil.which("pg_repack")
+        return (row[0] if row else None), binary
+
+    def repack(self):
+        """pg_repack the table (short ACCESS EXCLUSIVE at both ends; gives up instead of killing sessions)."""
+        p = self.p
+        ext, binary = self.repack_available()
+        self.result["repack_extension"] = ext
+        self.result["repack_binary"] = binary
+        if p["repack"] == "never" or not ext or not binary:
+            return False
+        kw = conn_params(p)
+        env = dict(os.environ)
+        if kw.get("password"):
+            env["PGPASSWORD"] = kw["password"]
+        cmd = [binary, "--no-kill-backend", "--wait-timeout", str(int(p["repack_wait_timeout"])),
+               "--table", "%s.%s" % (p["schema"], p["table"]), "--dbname", kw.get("dbname", "")]
+        if kw.get("host"):
+            cmd += ["--host", kw["host"]]
+        if kw.get("port"):
+            cmd += ["--port", str(kw["port"])]
+        if kw.get("user"):
+            cmd += ["--username", kw["user"]]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        self.step("pg_repack", time.monotonic() - t0, rc=proc.returncode)
+        self.queries.append(" ".join(cmd))
+        if proc.returncode != 0:
+            self.module.warn("pg_repack of %s.%s failed (rc=%d): %s; the table keeps its bloat (see sizes)"
+                             % (p["schema"], p["table"], proc.returncode, (proc.stderr or proc.stdout).strip()[-500:]))
+            return False
+        return True
+
+    # ------------------------------------------------------------------ the whole table
+    def run(self, connect):
+        p = self.p
+        started = time.monotonic()
+        self.conn = connect()
+        try:
+            self.load()
+            st = self.state()
+            self.result.update(constraint_name=self.cname, guard_trigger=GUARD_TRIGGER,
+                               guard_function=self._text(self.func), helper_index=self.helper,
+                               state_before={k: (v is not None and v is not False) if k != "constraint" else
+                                             (v["name"] if v else None) for k, v in st.items()})
+            if st["constraint"] is not None:
+                # done (or never needed): only leftovers of an interrupted run are removed
+                leftovers = st["trigger"] or st["function"] or st["helper_index"] is not None
+                self.result.update(constraint_name=st["constraint"]["name"], action="none" if not leftovers
+                                   else "cleanup")
+                if leftovers and not self.module.check_mode:
+                    self.cleanup(st)
+                return dict(changed=bool(leftovers), **self._out(started))
+            if self.module.check_mode:
+                self.result["action"] = "would_deduplicate_online"
+                return dict(changed=True, **self._out(started))
+            self.result["size_before"] = self.sizes()
+            self.ensure_backup()
+            if st["helper_index"] is not True:
+                self.build_index(self.helper, unique=False)
+            self.ensure_guard(st)
+            rows_before = None
+            for attempt in range(2):
+                st = self.state()
+                if st["unique_index"] is not True:
+                    rows_now, max_id, _groups = self.build_keep()
+                    rows_before = rows_now if rows_before is None else rows_before
+                    self.delete_batches(max_id)
+                    self.vacuum(analyze=True)
+                    try:
+                        self.build_index(self.cname, unique=True)
+                    except psycopg2.Error as exc:
+                        if getattr(exc, "pgcode", None) == UNIQUE_VIOLATION and attempt == 0:
+                            self.module.warn("a duplicate got in during the build of the unique index of %s.%s "
+                                             "(a writer outside READ COMMITTED?); deduplicating once more"
+                                             % (p["schema"], p["table"]))
+                            continue
+                        raise
+                break
+            st = self.state()
+            self.attach(st)
+            self.cleanup(self.state())
+            self.finish_ledger(rows_before)
+            self.result["repacked"] = self.repack()
+            if not self.result["repacked"]:
+                self.vacuum(analyze=False)
+            self.result["size_after"] = self.sizes()
+            self.result["action"] = "deduplicated_online"
+            return dict(changed=True, **self._out(started))
+        finally:
+            self.conn.close()
+
+    def _out(self, started):
+        out = {k: v for k, v in self.result.items() if not k.startswith("_")}
+        out["queries"] = self.queries
+        out["seconds"] = round(time.monotonic() - started, 3)
+        return out
