@@ -31,6 +31,7 @@ import shlex
 import socket
 import sys
 import tempfile
+import traceback
 
 try:
     import psycopg2
@@ -257,11 +258,12 @@ def check_tables(cfg: dict) -> tuple[list[dict], int]:
                 uq = unique_on(cur, schema, t["name"], t["natural_key"])
                 cur.execute("SELECT pg_total_relation_size(to_regclass(format('%%I.%%I', %s::text, %s::text)))",
                             (schema, t["name"]))
+                size = int(cur.fetchone()[0])
                 entry.update(
                     exists=True,
                     duplicate_rows=duplicate_rows(cur, schema, t["name"], t["natural_key"]),
                     constraint_present=bool(uq and uq["valid"]),
-                    bytes=int(cur.fetchone()[0]),
+                    bytes=size,
                 )
                 if uq:
                     entry["constraint"] = uq["name"]
@@ -369,7 +371,8 @@ def cmd_run(cfg: dict, now: dt.datetime) -> int:
     except Exception as exc:  # noqa: BLE001 - any failure is a failed check, in the log and the textfile
         write_atomic(cfg["textfile"], textfile(cfg, now, None, False, phase, None))
         reason = str(getattr(exc, "pgerror", None) or exc).strip().replace("\n", " ")
-        log(cfg, f"{head} status=error phase={phase} error={reason!r}")
+        log(cfg, f"{head} status=error phase={phase} error={json.dumps(reason)}")
+        traceback.print_exc(file=sys.stderr)
         sync_cron(cfg, now)
         return 2
     problems = []
@@ -406,6 +409,9 @@ def load_config(path: str) -> dict:
     for key in ("name", "period_start", "cron_file", "textfile", "tables", "schema", "db"):
         if key not in cfg:
             raise SystemExit(f"{path}: missing {key!r}")
+    if not isinstance(cfg["tables"], list) or not all(isinstance(t, dict) and t.get("name") and t.get("natural_key")
+                                                      for t in cfg["tables"]):
+        raise SystemExit(f"{path}: 'tables' must be a list of {{name, natural_key}} objects")
     return cfg
 
 
