@@ -177,6 +177,8 @@ def test_second_lab_up_converges(managed_lab):
         conn.close()
     again = run_playbook(REPO / "playbooks" / "lab_up.yml", extra_vars=managed_lab["ev"])
     assert again.rc == 0 and again.changed() == 0, again.stdout[-4000:]
+    check = run_playbook(REPO / "playbooks" / "lab_up.yml", extra_vars=managed_lab["ev"], check=True)
+    assert check.rc == 0 and check.changed() == 0, check.stdout[-4000:]
     conn = connect(managed_lab)
     try:
         assert scalar(conn, "SELECT count(*) FROM breezeway.task_requirements") == before
