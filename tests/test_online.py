@@ -200,3 +200,146 @@ def test_concurrent_inserters_never_duplicate_and_never_stall(pg, fresh_db):
           f"run {res['seconds']:.2f} s, {res['batches']} batches")
     assert max(stalls) < 1.0
     conn.close()
+
+
+# --------------------------------------------------------------------------- the whole deploy on the lab
+
+
+class Writers:
+    """The v1 ETL in a loop (as the ETL user, like cron) and a row-by-row inserter into task_requirements that
+    times every statement. The inserter adds new keys until the table's constraint exists, then only re-sends
+    existing keys (so the smoke test's "no table grew" still holds)."""
+
+    TABLE = "task_requirements"
+
+    def __init__(self, lab):
+        self.lab = lab
+        self.stop = threading.Event()
+        self.stalls: list[float] = []
+        self.ids: set[int] = set()
+        self.keys: set[tuple[int, int]] = set()
+        self.errors: list[str] = []
+        self.etl_runs: list[int] = []
+        self.etl_seconds: list[float] = []
+        self.threads = [threading.Thread(target=self._etl), threading.Thread(target=self._inserter)]
+
+    def _etl(self):
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            run = self.lab.run_etl("nashville", "tasks", check=False)
+            self.etl_runs.append(run.rc)
+            self.etl_seconds.append(time.monotonic() - t0)
+            if run.rc:
+                self.errors.append(f"etl: {run.stderr[-300:]}")
+            self.stop.wait(0.5)
+
+    def _inserter(self):
+        c = self.lab.conn()
+        with c.cursor() as cur:
+            cur.execute("SELECT id FROM breezeway.tasks ORDER BY id LIMIT 50")
+            tasks = [r[0] for r in cur.fetchall()]
+            cur.execute("SELECT min(id) FROM breezeway.task_requirements GROUP BY task_pk, requirement_id LIMIT 200")
+            old = [r[0] for r in cur.fetchall()]
+        i, constrained = 0, False
+        try:
+            while not self.stop.is_set():
+                i += 1
+                if i % 25 == 0 and not constrained:
+                    with c.cursor() as cur:
+                        cur.execute("SELECT count(*) FROM pg_constraint WHERE conrelid = "
+                                    "'breezeway.task_requirements'::regclass AND contype = 'u'")
+                        constrained = cur.fetchone()[0] > 0
+                t0 = time.monotonic()
+                try:
+                    with c.cursor() as cur:
+                        if i % 2 or constrained:  # an existing key, sent again with the same values (as the ETL)
+                            cur.execute("INSERT INTO breezeway.task_requirements (task_pk, requirement_id, name, "
+                                        "quantity, is_done, cost, details, due_at) SELECT task_pk, requirement_id, "
+                                        "name, quantity, is_done, cost, details, due_at FROM "
+                                        "breezeway.task_requirements WHERE id = %s "
+                                        "ON CONFLICT DO NOTHING RETURNING id, task_pk, requirement_id",
+                                        (old[i % len(old)],))
+                        else:  # a new key
+                            cur.execute("INSERT INTO breezeway.task_requirements (task_pk, requirement_id, name) "
+                                        "VALUES (%s, %s, 'inserter') ON CONFLICT DO NOTHING "
+                                        "RETURNING id, task_pk, requirement_id", (tasks[i % len(tasks)], 900000 + i))
+                        row = cur.fetchone()
+                    if row:
+                        self.ids.add(row[0])
+                        self.keys.add((row[1], row[2]))
+                except psycopg2.Error as exc:
+                    self.errors.append(f"inserter: {exc}")
+                self.stalls.append(time.monotonic() - t0)
+                time.sleep(0.01)
+        finally:
+            c.close()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def _kept(lab) -> dict[str, dict[tuple, int]]:
+    out = {}
+    for t in lab.tables:
+        cols = lab.natural_keys[t]
+        rows = lab.query(psycopg2.sql.SQL("SELECT {k}, min(id) FROM {t} GROUP BY {k}").format(
+            k=psycopg2.sql.SQL(", ").join(map(psycopg2.sql.Identifier, cols)),
+            t=psycopg2.sql.Identifier(lab.schema, t)))
+        out[t] = {tuple(r[:-1]): r[-1] for r in rows}
+    return out
+
+
+def test_deploy_online_while_the_etl_and_an_inserter_write(lab):
+    before = _kept(lab)
+    dups_before = lab.duplicates()
+    assert sum(dups_before.values()) > 0
+    cron_before = lab.crontab()
+    t0 = time.monotonic()
+    with Writers(lab) as w:
+        time.sleep(1.0)
+        res = lab.playbook("playbooks/deploy_dedup.yml", "-e", "dedup_mode=online",
+                           "-e", "migrate_online_batch_rows=2000", "-e", "migrate_online_batch_pause=0.02")
+        time.sleep(0.5)
+    seconds = time.monotonic() - t0
+    assert res.rc == 0 and not res.failed(), res.output[-6000:]
+    assert not w.errors, w.errors[:5]
+    assert w.etl_runs and all(rc == 0 for rc in w.etl_runs)
+    # the ETL cron was never paused
+    assert lab.crontab() == cron_before
+
+    # same end state as offline mode: no duplicates, the oldest row of every key kept, one constraint each
+    assert lab.duplicates() == dict.fromkeys(lab.tables, 0)
+    after = _kept(lab)
+    for t in lab.tables:
+        for key, kid in before[t].items():
+            assert after[t].get(key) == kid, (t, key)
+    cons = dict(lab.query("SELECT c.relname::text, string_agg(pg_get_constraintdef(k.oid), '; ') "
+                          "FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid WHERE k.contype = 'u' "
+                          "AND k.connamespace = 'breezeway'::regnamespace GROUP BY 1"))
+    for t in lab.tables:
+        want = "UNIQUE ({})".format(", ".join(lab.natural_keys[t]))
+        assert cons.get(t) == want, (t, cons)
+
+    # nothing lost: every row the inserter wrote is in the table or the backup, every key it sent is there
+    ledger = {r[0]: r for r in lab.query(
+        "SELECT table_name, status, strategy, backup_table, rows_removed FROM dedup_rollout.table_runs")}
+    assert ledger[Writers.TABLE][1:3] == ("constrained", "online")
+    backup = psycopg2.sql.Identifier("dedup_rollout", ledger[Writers.TABLE][3])
+    present = {r[0] for r in lab.query(psycopg2.sql.SQL(
+        "SELECT id FROM breezeway.task_requirements UNION ALL SELECT id FROM {}").format(backup))}
+    assert w.ids <= present
+    keys = set(lab.query("SELECT task_pk, requirement_id FROM breezeway.task_requirements"))
+    assert w.keys <= keys
+    for t, d in dups_before.items():
+        if d:  # the ETL added more before the guard was in place
+            assert ledger[t][4] >= d, (t, ledger[t], d)
+    print(f"\nonline deploy on the lab: {seconds:.1f} s with writers; inserter {len(w.stalls)} statements, "
+          f"longest stall {max(w.stalls):.3f} s; ETL runs {len(w.etl_runs)} (longest {max(w.etl_seconds):.1f} s)")
+    assert max(w.stalls) < 1.0
