@@ -558,6 +558,7 @@ class OnlineDedup:
         p = self.p
         started = time.monotonic()
         self.conn = connect()
+        self.conn.autocommit = True
         try:
             self.load()
             st = self.state()
