@@ -52,8 +52,10 @@ options:
     type: str
     default: auto
     choices: [auto, never]
-  repack_wait_timeout: {description: pg_repack --wait-timeout (seconds; it gives up, never kills)., type: int,
-                        default: 10}
+  repack_wait_timeout:
+    description: pg_repack C(--wait-timeout) in seconds (it gives up rather than kill sessions).
+    type: int
+    default: 10
   login_host: {description: Host or unix socket directory., type: str, default: ''}
   login_port: {description: Port., type: int}
   login_db: {description: Database., type: str}
