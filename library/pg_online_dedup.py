@@ -18,7 +18,7 @@ description:
     and drops the guard in one transaction under C(lock_timeout), retried.
   - Gives space back with plain C(VACUUM) (every C(vacuum_every) batches and at the end) and with
     C(pg_repack) when the extension and its client are present; otherwise reports the remaining bloat.
-  - Resumable: every step finds its own leftovers (backup table, helper index, guard, invalid index).
+  - Resumable, every step finds its own leftovers (backup table, helper index, guard, invalid index).
   - Check mode changes nothing and says what would be done.
 version_added: "1.0.0"
 author: dedup-rollout
