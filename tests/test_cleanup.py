@@ -218,3 +218,10 @@ def test_cleanup_refuses_before_retention_then_frees_what_it_reports(lab):
     assert res.rc == 0 and res.changed() == 0, res.output[-5000:]
     assert "Nothing left to clean up for deploy " + run_id in res.output
     assert len(ledger_rows(lab, "runs", "kind = 'cleanup'")) == 1
+
+    # 5. a rollback afterwards explains that the backups are gone and changes nothing
+    counts = lab.counts()
+    res = lab.playbook(REPO / "rollback.yml")
+    assert res.rc != 0
+    assert f"Cannot roll back deploy {run_id}" in res.output and "Nothing was changed" in res.output
+    assert lab.counts() == counts
