@@ -235,4 +235,5 @@ def test_rollback_after_a_deploy_killed_mid_migration(lab):
     assert res.rc == 0, res.output[-5000:]
     # No ETL ran in between: every table is exactly its original rows again.
     assert_rolled_back(lab, original, original, cons_before, cron_before, deploy_id)
-    assert set(table_runs(lab, deploy_id)) == set(half)  # no table was added to the deploy by the rollback
+    # Tables the killed play finished server-side after the kill are in the ledger too, and rolled back as well.
+    assert set(half) <= set(table_runs(lab, deploy_id))
