@@ -64,6 +64,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+busy_sessions:
+  description: Other dedup-rollout sessions still active in the database (pid, application, state, query).
+  returned: when action=read
+  type: list
 runs:
   description: Run rows (action=read), newest first.
   returned: when action=read
@@ -94,7 +98,7 @@ except ImportError:  # pragma: no cover
 RUN_COLUMNS = {"kind", "status", "environment", "mode", "backup_mode", "target_run_id", "dump_path", "dump_bytes",
                "dump_sha256", "dump_host", "etl_release_before", "etl_release_after", "finished_at", "details"}
 TABLE_COLUMNS = {"status", "constraint_name", "constraint_created", "size_after", "finished_at", "natural_key", "keep",
-                 "order_by", "size_before", "rows_before", "rows_kept", "rows_removed", "backup_mode"}
+                 "order_by", "size_before", "rows_before", "rows_kept", "rows_removed", "backup_mode", "backup_table"}
 
 
 def ledger_exists(cur, schema):
@@ -109,9 +113,22 @@ def _jsonable(row, cols):
     return out
 
 
+def busy_sessions(cur):
+    """Other dedup-rollout sessions still working in this database (e.g. the migration of a killed play)."""
+    cur.execute(
+        "SELECT pid, application_name, state, extract(epoch FROM now() - xact_start)::int, "
+        "left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 120) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE 'dedup-rollout/%%' "
+        "AND application_name NOT LIKE 'dedup-rollout/lock%%' AND state IS DISTINCT FROM 'idle' ORDER BY 1"
+    )
+    return [{"pid": r[0], "application": r[1], "state": r[2], "xact_seconds": r[3], "query": r[4]}
+            for r in cur.fetchall()]
+
+
 def do_read(cur, schema, run_id):
+    busy = busy_sessions(cur)
     if not ledger_exists(cur, schema):
-        return {"exists": False, "runs": [], "tables": []}
+        return {"exists": False, "runs": [], "tables": [], "busy_sessions": busy}
     cur.execute(sql.SQL("SELECT * FROM {} ORDER BY started_at DESC").format(sql.Identifier(schema, "runs")))
     cols = [d[0] for d in cur.description]
     runs = [_jsonable(r, cols) for r in cur.fetchall()]
@@ -121,7 +138,7 @@ def do_read(cur, schema, run_id):
                     .format(sql.Identifier(schema, "table_runs")), (run_id,))
         cols = [d[0] for d in cur.description]
         tables = [_jsonable(r, cols) for r in cur.fetchall()]
-    return {"exists": True, "runs": runs, "tables": tables}
+    return {"exists": True, "runs": runs, "tables": tables, "busy_sessions": busy}
 
 
 def _assignments(values, allowed, module):

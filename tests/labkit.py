@@ -127,6 +127,8 @@ def write_inventory(
         "dedup_report_root": str(root / "reports"),
         "dedup_etl_user": etl_user,
         "dedup_etl_dir": str(etl_dir),
+        # The scheduled check writes system paths (/etc/cron.d ...): off in tests unless a test turns it on.
+        "monitor_schedule": False,
     }
     (path / "hosts.yml").write_text(yaml.safe_dump(hosts, sort_keys=False))
     (path / "group_vars" / "all" / "main.yml").write_text(yaml.safe_dump(main, sort_keys=False))
