@@ -20,6 +20,7 @@ description:
   - Check mode drops nothing and reports what would be dropped.
 version_added: "1.0.0"
 author: dedup-rollout
+extends_documentation_fragment: [dedup_pg]
 options:
   state:
     description: planned (read-only) or absent (drop).
@@ -60,13 +61,6 @@ options:
     description: lock_timeout for the DROP TABLE statements.
     type: str
     default: 10s
-  login_host: {description: Host or unix socket directory., type: str, default: ''}
-  login_port: {description: Port., type: int}
-  login_db: {description: Database., type: str}
-  login_user: {description: User., type: str}
-  login_password: {description: Password (never logged)., type: str}
-  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
-  connect_timeout: {description: Seconds., type: int, default: 10}
 notes:
   - Needs psycopg2 on the target. Supports check mode.
 """

@@ -16,7 +16,7 @@ description:
   - Never changes anything; runs in check mode.
 version_added: "1.0.0"
 author: dedup-rollout
-extends_documentation_fragment: []
+extends_documentation_fragment: [dedup_pg]
 options:
   schema:
     description: Schema of the tables.
@@ -46,16 +46,9 @@ options:
     type: str
     default: replace
     choices: [replace, delete]
-  login_host: {description: Host or unix socket directory., type: str, default: ''}
-  login_port: {description: Port., type: int}
-  login_db: {description: Database., type: str}
-  login_user: {description: User., type: str}
-  login_password: {description: Password (never logged)., type: str}
-  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
-  connect_timeout: {description: Seconds., type: int, default: 10}
 notes:
   - Tables referenced by another table's foreign key, partitioned tables and tables in an inheritance
-    tree are refused with a clear message: removing rows there would cascade or mix other tables in.
+    tree are refused with a clear message (removing rows there would cascade or mix other tables in).
 """
 
 EXAMPLES = r"""

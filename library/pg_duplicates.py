@@ -32,40 +32,8 @@ description:
     deduplication can be proven to have kept every key.
 version_added: "1.0.0"
 author: dedup-rollout
+extends_documentation_fragment: [dedup_pg]
 options:
-  login_host:
-    description:
-      - Host name or IP, or a unix socket directory (a value starting with C(/)).
-      - Empty means the libpq default (C(PGHOST), then the default socket).
-    type: str
-    default: ""
-    aliases: [host, db_host]
-  login_port:
-    description: Port; unset means C(PGPORT) or 5432.
-    type: int
-    aliases: [port, db_port]
-  login_db:
-    description: Database; unset means C(PGDATABASE) or the user name.
-    type: str
-    aliases: [db, database, db_name]
-  login_user:
-    description: Role to connect as; unset means C(PGUSER) or the OS user.
-    type: str
-    aliases: [user, db_user]
-  login_password:
-    description: Password; unset means C(PGPASSWORD) or C(~/.pgpass). Never shown in output.
-    type: str
-    aliases: [password, db_password]
-  ssl_mode:
-    description: libpq sslmode.
-    type: str
-    default: prefer
-    choices: [disable, allow, prefer, require, verify-ca, verify-full]
-    aliases: [sslmode]
-  connect_timeout:
-    description: Seconds to wait for the connection (0 = wait forever).
-    type: int
-    default: 10
   schema:
     description: Schema of the tables.
     type: str

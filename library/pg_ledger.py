@@ -16,6 +16,7 @@ description:
   - Check mode writes nothing and reports what would change.
 version_added: "1.0.0"
 author: dedup-rollout
+extends_documentation_fragment: [dedup_pg]
 options:
   action:
     description: What to do.
@@ -45,15 +46,7 @@ options:
     type: str
   table:
     description: Table name (action=table).
-    type: str
-  login_host: {description: Host or unix socket directory., type: str, default: ''}
-  login_port: {description: Port., type: int}
-  login_db: {description: Database., type: str}
-  login_user: {description: User., type: str}
-  login_password: {description: Password (never logged)., type: str}
-  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
-  connect_timeout: {description: Seconds., type: int, default: 10}
-"""
+    type: str"""
 
 EXAMPLES = r"""
 - name: Mark the deploy finished

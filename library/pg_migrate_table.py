@@ -17,6 +17,7 @@ description:
   - In check mode nothing is executed; the module says what it would run.
 version_added: "1.0.0"
 author: dedup-rollout
+extends_documentation_fragment: [dedup_pg]
 options:
   sql:
     description: The rendered migration text.
@@ -42,15 +43,7 @@ options:
   retry_delay:
     description: Seconds between attempts.
     type: float
-    default: 3
-  login_host: {description: Host or unix socket directory., type: str, default: ''}
-  login_port: {description: Port., type: int}
-  login_db: {description: Database., type: str}
-  login_user: {description: User., type: str}
-  login_password: {description: Password (never logged)., type: str}
-  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
-  connect_timeout: {description: Seconds., type: int, default: 10}
-"""
+    default: 3"""
 
 EXAMPLES = r"""
 - name: Deduplicate task_requirements

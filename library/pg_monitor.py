@@ -18,6 +18,7 @@ description:
   - Check mode writes nothing.
 version_added: "1.0.0"
 author: dedup-rollout
+extends_documentation_fragment: [dedup_pg]
 options:
   action:
     description: What to do.
@@ -78,13 +79,6 @@ options:
     description: The full result, stored as JSON (action=record).
     type: dict
     default: {}
-  login_host: {description: Host or unix socket directory., type: str, default: ''}
-  login_port: {description: Port., type: int}
-  login_db: {description: Database., type: str}
-  login_user: {description: User., type: str}
-  login_password: {description: Password (never logged)., type: str}
-  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
-  connect_timeout: {description: Seconds., type: int, default: 10}
 notes:
   - Needs psycopg2 on the target. Supports check mode.
 """

@@ -22,6 +22,7 @@ description:
   - Check mode changes nothing and says what would be done.
 version_added: "1.0.0"
 author: dedup-rollout
+extends_documentation_fragment: [dedup_pg]
 options:
   schema: {description: Schema of the table., type: str, required: true}
   table: {description: The table., type: str, required: true}
@@ -56,13 +57,6 @@ options:
     description: pg_repack C(--wait-timeout) in seconds (it gives up rather than kill sessions).
     type: int
     default: 10
-  login_host: {description: Host or unix socket directory., type: str, default: ''}
-  login_port: {description: Port., type: int}
-  login_db: {description: Database., type: str}
-  login_user: {description: User., type: str}
-  login_password: {description: Password (never logged)., type: str}
-  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
-  connect_timeout: {description: Seconds., type: int, default: 10}
 notes:
   - Writers must use READ COMMITTED (the default) for the guard to see concurrent new keys; a duplicate that
     still gets in makes the unique index build fail, and the module deduplicates once more.

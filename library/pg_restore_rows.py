@@ -30,6 +30,7 @@ description:
   - The dump's checksum is not verified here; the playbook verifies it once per dump before calling this.
 version_added: "1.0.0"
 author: dedup-rollout
+extends_documentation_fragment: [dedup_pg]
 options:
   schema:
     description: Schema of the table.
@@ -102,13 +103,6 @@ options:
     description: Seconds between attempts.
     type: float
     default: 3
-  login_host: {description: Host or unix socket directory., type: str, default: ''}
-  login_port: {description: Port., type: int}
-  login_db: {description: Database., type: str}
-  login_user: {description: User., type: str}
-  login_password: {description: Password (never logged)., type: str}
-  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
-  connect_timeout: {description: Seconds., type: int, default: 10}
 notes:
   - Needs psycopg2 on the target, and pg_restore for a dump restore. Supports check mode.
 """

@@ -16,6 +16,7 @@ description:
   - Because an advisory lock lives with its session, a crashed holder never leaves a stale lock behind.
 version_added: "1.0.0"
 author: dedup-rollout
+extends_documentation_fragment: [dedup_pg]
 options:
   state:
     description: held or released.
@@ -37,15 +38,7 @@ options:
   max_seconds:
     description: Longest the holder keeps the lock.
     type: int
-    default: 43200
-  login_host: {description: Host or unix socket directory., type: str, default: ''}
-  login_port: {description: Port., type: int}
-  login_db: {description: Database., type: str}
-  login_user: {description: User., type: str}
-  login_password: {description: Password (never logged; handed to the holder through a pipe)., type: str}
-  ssl_mode: {description: libpq sslmode., type: str, default: prefer}
-  connect_timeout: {description: Seconds., type: int, default: 10}
-"""
+    default: 43200"""
 
 EXAMPLES = r"""
 - name: Take the deploy lock

@@ -1,0 +1,51 @@
+# -*- coding: utf-8 -*-
+"""Documentation fragment: the connection options every dedup-rollout database module takes.
+
+Modules say ``extends_documentation_fragment: [dedup_pg]``; the options themselves come from
+``module_utils/dedup_pg.py``'s ``pg_common_argument_spec()``.
+"""
+
+
+class ModuleDocFragment:
+    DOCUMENTATION = r"""
+options:
+  login_host:
+    description:
+      - Host name or IP, or a unix socket directory (a value starting with C(/)).
+      - Empty means the libpq default (C(PGHOST), then the default socket).
+    type: str
+    default: ""
+    aliases: [host, db_host]
+  login_port:
+    description: Port; unset means C(PGPORT) or 5432.
+    type: int
+    aliases: [port, db_port]
+  login_db:
+    description: Database; unset means C(PGDATABASE) or the user name.
+    type: str
+    aliases: [db, database, db_name]
+  login_user:
+    description: Role to connect as; unset means C(PGUSER) or the OS user.
+    type: str
+    aliases: [user, db_user]
+  login_password:
+    description: Password; unset means C(PGPASSWORD) or C(~/.pgpass). Never shown in output.
+    type: str
+    aliases: [password, db_password]
+  ssl_mode:
+    description: libpq sslmode.
+    type: str
+    default: prefer
+    choices: [disable, allow, prefer, require, verify-ca, verify-full]
+    aliases: [sslmode]
+  connect_timeout:
+    description: Seconds to wait for the connection (0 = wait forever).
+    type: int
+    default: 10
+notes:
+  - Options left unset fall back to libpq's environment variables (C(PGHOST), C(PGPORT), C(PGDATABASE),
+    C(PGUSER), C(PGPASSWORD), C(PGSSLMODE)) and C(~/.pgpass), exactly as psql does.
+  - The password is never returned, logged or shown in an error message.
+requirements:
+  - psycopg2 on the host the module runs on
+"""
