@@ -46,7 +46,8 @@ options:
     type: str
   table:
     description: Table name (action=table).
-    type: str"""
+    type: str
+"""
 
 EXAMPLES = r"""
 - name: Mark the deploy finished

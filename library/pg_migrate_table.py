@@ -43,7 +43,8 @@ options:
   retry_delay:
     description: Seconds between attempts.
     type: float
-    default: 3"""
+    default: 3
+"""
 
 EXAMPLES = r"""
 - name: Deduplicate task_requirements

@@ -38,7 +38,8 @@ options:
   max_seconds:
     description: Longest the holder keeps the lock.
     type: int
-    default: 43200"""
+    default: 43200
+"""
 
 EXAMPLES = r"""
 - name: Take the deploy lock

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 """Documentation fragment: the connection options every dedup-rollout database module takes.
 
 Modules say ``extends_documentation_fragment: [dedup_pg]``; the options themselves come from
