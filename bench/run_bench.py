@@ -657,7 +657,7 @@ def machine_facts(cluster: PgCluster) -> dict:
     except OSError:
         pass
     settings = dict(cluster.execute(
-        "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(%s)",
+        "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)",
         params=(["fsync", "synchronous_commit", "full_page_writes", "shared_buffers", "work_mem",
                  "maintenance_work_mem", "max_wal_size", "hash_mem_multiplier", "wal_level"],)))
     return {
