@@ -98,6 +98,21 @@ except ImportError:  # pragma: no cover
 RETRYABLE = ("55P03", "40P01", "40001")  # lock_not_available (and our snapshot guard), deadlock, serialization
 
 
+def connection_lost(conn, exc):
+    """Whether ``exc`` means the session is gone (admin shutdown, crash, restart, network)."""
+    if conn.closed:
+        return True
+    code = getattr(exc, "pgcode", None) or ""
+    if code.startswith("57P") or code.startswith("08"):  # admin/crash shutdown, cannot connect now; connection
+        return True
+    return pg_errors is not None and isinstance(exc, (pg_errors.OperationalError, pg_errors.InterfaceError)) \
+        and getattr(exc, "pgcode", None) is None
+
+
+class NoDuplicates(Exception):
+    """The keep-set holds every row: there is nothing to remove, so nothing is rewritten."""
+
+
 def run_once(conn, steps):
     timings = []
     ledger = None
@@ -105,6 +120,10 @@ def run_once(conn, steps):
         for name, body in steps:
             t0 = time.monotonic()
             cur.execute(body)
+            if name == "keep":
+                cur.execute("SELECT coalesce(sum(dedup_n), 0) = count(*) FROM dedup_keep")
+                if cur.fetchone()[0]:
+                    raise NoDuplicates()
             if name == "ledger":
                 row = cur.fetchone()
                 ledger = {"rows_before": row[0], "rows_kept": row[1], "rows_removed": row[2],
@@ -144,8 +163,23 @@ def main():
         try:
             timings, ledger = run_once(conn, steps)
             break
+        except NoDuplicates:
+            conn.rollback()
+            conn.close()
+            module.exit_json(changed=False, attempts=attempts, seconds=round(time.monotonic() - started, 3),
+                             steps=[], ledger=None,
+                             msg="%s.%s has no duplicates: left as it is" % (p["schema"], p["table"]))
         except Exception as exc:  # noqa: BLE001
             code = getattr(exc, "pgcode", None)
+            if connection_lost(conn, exc):
+                # Terminated backend (pg_terminate_backend) or a server restart: the server rolled the
+                # transaction back; the ledger row is in it, so this table is simply not done.
+                module.fail_json(
+                    msg="the connection to the server was lost during the migration of %s.%s (backend terminated "
+                        "or server restarted: %s); the server rolled the transaction back, nothing changed in this "
+                        "table. Re-run deploy_dedup.yml when the server is back: the run resumes here."
+                        % (p["schema"], p["table"], error_text(exc, module) or type(exc).__name__),
+                    attempts=attempts)
             conn.rollback()
             if code in RETRYABLE and attempts <= p["retries"]:
                 last_error = error_text(exc, module)
