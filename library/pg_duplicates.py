@@ -143,10 +143,19 @@ COUNTERS = ("total_rows", "distinct_keys", "duplicate_rows", "duplicate_groups",
 
 
 def _row_hash(columns):
-    """hashtextextended(ROW(cols)::text, 0) as an SQL expression (0 when there is nothing to hash)."""
+    """One 64-bit hash of the compared columns' text, without building ROW(...)::text.
+
+    Each column's text is hashed with its own seed (its position), a NULL maps to that position, and the
+    per-column hashes are XORed: two rows get the same hash exactly when every compared column has the
+    same text (or both NULL), up to 64-bit collisions. That is the equality ROW(cols)::text compared
+    before, at a fraction of the cost (record_out was most of the module's time). 0 when nothing is compared.
+    """
     if not columns:
         return sql.SQL("0::bigint")
-    return sql.SQL("hashtextextended(ROW({})::text, 0)").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
+    return sql.SQL(" # ").join(
+        sql.SQL("coalesce(hashtextextended({c}::text, {i}), {i})").format(c=sql.Identifier(c), i=sql.Literal(i))
+        for i, c in enumerate(columns, start=1)
+    )
 
 
 def _key_json(key):
@@ -156,11 +165,17 @@ def _key_json(key):
 
 
 def build_query(schema, table, key, compared, pk, samples):
-    """The single-pass statement: aggregate per key once (materialised), then summarise that."""
+    """The single-pass statement: aggregate per key once (materialised), then summarise that.
+
+    The per-row hashes are computed once, in the innermost subquery (min and max of one expression would
+    evaluate it twice). The id fingerprint is a sum of bigints (int128 accumulation, returned as numeric):
+    the same value as summing them as numeric, which the migration's keep_fingerprint does
+    (sql/migrate_table.sql.j2), without a numeric addition per row.
+    """
     keys = sql.SQL(", ").join(map(sql.Identifier, key))
     any_null = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(c)) for c in key)
-    id_sum = (sql.SQL("sum(hashtextextended(ROW({})::text, 0)::numeric)").format(
-        sql.SQL(", ").join(map(sql.Identifier, pk))) if pk else sql.SQL("NULL::numeric"))
+    id_hash = (sql.SQL("hashtextextended(ROW({})::text, 0)").format(
+        sql.SQL(", ").join(map(sql.Identifier, pk))) if pk else sql.SQL("NULL::bigint"))
     null_cols = sql.SQL(", ").join(
         sql.SQL("coalesce(sum(n) FILTER (WHERE {} IS NULL), 0)").format(sql.Identifier(c)) for c in key
     )
@@ -172,8 +187,8 @@ def build_query(schema, table, key, compared, pk, samples):
     kj = _key_json(key)
     return sql.SQL(
         "WITH g AS MATERIALIZED ("
-        " SELECT {keys}, count(*) AS n, min({h}) AS hmin, max({h}) AS hmax, {id_sum} AS idsum"
-        " FROM {tbl} GROUP BY {keys}) "
+        " SELECT {keys}, count(*) AS n, min(dedup_h) AS hmin, max(dedup_h) AS hmax, sum(dedup_i) AS idsum"
+        " FROM (SELECT {keys}, {h} AS dedup_h, {id_hash} AS dedup_i FROM {tbl}) dedup_r GROUP BY {keys}) "
         "SELECT coalesce(sum(n), 0), count(*), count(*) FILTER (WHERE n > 1), coalesce(max(n), 0), "
         "coalesce(sum(n) FILTER (WHERE {any_null}), 0), "
         "count(*) FILTER (WHERE hmin <> hmax), coalesce(sum(n) FILTER (WHERE hmin <> hmax), 0), "
@@ -182,7 +197,7 @@ def build_query(schema, table, key, compared, pk, samples):
         "{s_dup}, {s_div}, {s_null}, ARRAY[{null_cols}]::bigint[] "
         "FROM g"
     ).format(
-        keys=keys, h=_row_hash(compared), id_sum=id_sum, tbl=qualified(schema, table), any_null=any_null,
+        keys=keys, h=_row_hash(compared), id_hash=id_hash, tbl=qualified(schema, table), any_null=any_null,
         has_pk=sql.Literal(bool(pk)), null_cols=null_cols,
         s_dup=sample.format(kj=kj, cond=sql.SQL("n > 1"), lim=lim),
         s_div=sample.format(kj=kj, cond=sql.SQL("hmin <> hmax"), lim=lim),
