@@ -64,8 +64,19 @@ DEFAULT_CONF = {
 }
 A2_SETTINGS = {"work_mem": "512MB", "maintenance_work_mem": "1GB"}
 WRITER_KEY_BASE = 2_000_000_000  # requirement_id of the concurrent writer's rows (never collide)
-ALL_CONTENDERS = ["A1", "A2", "B-table", "B-dump", "B-online", "dupcheck"]
-DEFAULT_CONTENDERS = "A2,B-table,B-dump,dupcheck,A1"  # A1 last: at 1/10 it runs into --timeout
+ALL_CONTENDERS = ["A1", "A2", "B-sql-table", "B-sql-dump", "B-table", "B-dump", "B-online", "dupcheck"]
+# A1 last: at 1/10 it runs into --timeout.
+DEFAULT_CONTENDERS = "A2,B-sql-table,B-sql-dump,B-table,B-dump,dupcheck,A1"
+# What each contender's seconds cover (a column of the table).
+MEASURES = {
+    "A1": "psql script", "A2": "psql script",
+    "B-sql-table": "migration SQL as the role runs it (no ansible)",
+    "B-sql-dump": "migration SQL as the role runs it (no ansible)",
+    "B-table": "whole playbook incl. ansible overhead", "B-dump": "whole playbook incl. ansible overhead",
+    "B-online": "whole playbook incl. ansible overhead",
+}
+# roles/migrate/defaults/main.yml: what the role passes to pg_migrate_table and pg_unique_constraint.
+MIGRATE_DEFAULTS = {"lock_timeout": "5s", "retries": 5, "retry_delay": 1.0}
 MIGRATE_PLAYBOOK = REPO / "playbooks" / "migrate_only.yml"
 
 
@@ -493,8 +504,132 @@ def task_times(path: Path, top: int = 12) -> dict:
             "slowest_tasks": sorted(tasks, key=lambda t: -t["seconds"])[:top]}
 
 
+# --------------------------------------------------------------------------- B-sql: the role's SQL without ansible
+
+def prepare_bsql(ctx: dict, name: str, db: str, workdir: Path) -> dict:
+    """Render the migration with the render-only playbook (untimed) and read the plan it was made from.
+
+    `migrate_only.yml -e migrate_render_only=true` plans every table, creates the ledger
+    (sql/ledger.sql.j2 through pg_ledger action=init), records the run and renders one file per table
+    into the run's report directory; it stops before touching any table. Its own dedup_run_id
+    (bench-<stamp>-B-sql-<mode>) differs from the playbook contenders'.
+    """
+    mode = {"B-sql-table": "table", "B-sql-dump": "dump"}[name]
+    out: dict = {"backup_mode": mode}
+    if not MIGRATE_PLAYBOOK.exists():
+        out["error"] = f"{MIGRATE_PLAYBOOK.relative_to(REPO)} does not exist (yet)"
+        return out
+    inv = write_inventory(workdir)
+    varsfile = write_vars(ctx, db, workdir, mode, {"migrate_render_only": True})
+    run_id = json.loads(varsfile.read_text())["dedup_run_id"]
+    logfile = workdir / "render.log"
+    t0 = time.monotonic()
+    try:
+        rc, timed_out = run_process([str(Path(sys.executable).parent / "ansible-playbook"), str(MIGRATE_PLAYBOOK),
+                                     "-i", str(inv), "-e", f"@{varsfile}"], ansible_env(), logfile,
+                                    ctx["timeout"], cwd=REPO)
+    finally:
+        varsfile.unlink(missing_ok=True)  # it holds the password
+    out.update(render_seconds=round(time.monotonic() - t0, 2), render_rc=rc, run_id=run_id)
+    if timed_out or rc != 0:
+        out["error"] = "render timed out" if timed_out else "render failed: " + tail(logfile, 40)
+        return out
+    files = sorted((workdir / "reports").rglob(f"{run_id}/*/sql/*.sql"))
+    out["files"] = [str(f) for f in files]
+    # The plan the role rendered from (read-only; resumes the run the render recorded, same deploy id).
+    plan = modkit().run_module("pg_dedup_plan", module_conn(ctx, db, schema=SCHEMA, tables=TABLES,
+                                                            backup_schema="dedup_rollout", run_id=run_id,
+                                                            strategy="replace"))
+    if plan.get("failed"):
+        out["error"] = "pg_dedup_plan failed: " + str(plan.get("msg"))[:500]
+        return out
+    out["deploy_id"] = plan.get("deploy_id")
+    out["plan"] = [{k: t.get(k) for k in ("schema", "table", "natural_key", "strategy", "key_nullable",
+                                          "existing_constraint")} for t in plan["tables"]]
+    out["server_version_num"] = int(plan["server"]["version_num"])
+    return out
+
+
+_MODKIT = None
+
+
+def modkit():
+    """tests/modkit.py: runs a library/ module's main() in-process with module_utils on ansible's path."""
+    global _MODKIT
+    if _MODKIT is None:
+        import modkit as mk  # tests/ is on sys.path (harness)
+
+        _MODKIT = mk
+    return _MODKIT
+
+
+def module_conn(ctx: dict, db: str, **extra) -> dict:
+    cluster: PgCluster = ctx["cluster"]
+    return {"login_host": "127.0.0.1", "login_port": cluster.port, "login_db": db, "login_user": cluster.superuser,
+            "login_password": cluster.password, **extra}
+
+
+def contender_bsql(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) -> dict:
+    """The migration step as roles/migrate runs it, minus ansible: the same modules' code, in this process.
+
+    Per rendered file, in the role's order: library/pg_migrate_table.py (split_steps, run_once: one
+    transaction per table with its lock retries; a table without duplicates is left untouched; then
+    ANALYZE), then per planned table library/pg_unique_constraint.py (duplicate check, ALTER TABLE ...
+    ADD CONSTRAINT ... UNIQUE under lock_timeout; an equivalent existing constraint is kept), with the
+    arguments roles/migrate passes. Not included: the role's ledger bookkeeping tasks (size_after, one row
+    per constraint), which are small single-row updates.
+    """
+    prep = ctx.get("prepared", {}).get(name, {})
+    out: dict = {k: v for k, v in prep.items() if k != "plan"}
+    if prep.get("error"):
+        out.update(rc=None, timed_out=False, missing=not MIGRATE_PLAYBOOK.exists())
+        return out
+    sampler.rss_pid = os.getpid()  # the modules run in this process
+    mk = modkit()
+    plan = {t["table"]: t for t in prep["plan"]}
+    tables: dict = {}
+    t_all = time.monotonic()
+    for f in prep["files"]:
+        text = Path(f).read_text()
+        head = re.search(r"^-- dedup-rollout run \S+: (.+)$", text, re.M)
+        table = next((t for t in plan if head and head.group(1) == f"{plan[t]['schema']}.{t}"), None)
+        if table is None:
+            out.update(rc=1, error=f"cannot tell which planned table {f} migrates")
+            return out
+        res = mk.run_module("pg_migrate_table", module_conn(
+            ctx, db, schema=plan[table]["schema"], table=table, strategy=plan[table]["strategy"], sql=text,
+            retries=MIGRATE_DEFAULTS["retries"], retry_delay=MIGRATE_DEFAULTS["retry_delay"]))
+        tables[table] = {"migrate_changed": res.get("changed"), "migrate_seconds": res.get("seconds"),
+                         "attempts": res.get("attempts"), "ledger": res.get("ledger"),
+                         "steps": res.get("steps")}
+        if res.get("failed"):
+            out.update(rc=1, tables=tables, error=f"pg_migrate_table {table}: {str(res.get('msg'))[:800]}")
+            return out
+    out["migrate_seconds"] = round(time.monotonic() - t_all, 3)
+    t_con = time.monotonic()
+    for t in prep["plan"]:  # the role's nulls_not_distinct expression with migrate_nulls_not_distinct: auto
+        existing = t.get("existing_constraint")
+        nnd = existing["nulls_not_distinct"] if existing else \
+            bool(t.get("key_nullable")) and prep["server_version_num"] >= 150000
+        t0 = time.monotonic()
+        res = mk.run_module("pg_unique_constraint", module_conn(
+            ctx, db, schema=t["schema"], table=t["table"], columns=t["natural_key"], state="present",
+            nulls_not_distinct=bool(nnd), **MIGRATE_DEFAULTS))
+        tables.setdefault(t["table"], {}).update(constraint=res.get("name"), constraint_action=res.get("action"),
+                                                 constraint_seconds=round(time.monotonic() - t0, 3))
+        if res.get("failed"):
+            out.update(rc=1, tables=tables, error=f"pg_unique_constraint {t['table']}: {str(res.get('msg'))[:800]}")
+            return out
+    out["constraint_seconds"] = round(time.monotonic() - t_con, 3)
+    out.update(rc=0, timed_out=False, tables=tables)
+    return out
+
+
+PREPARE_FUNCS = {"B-sql-table": prepare_bsql, "B-sql-dump": prepare_bsql}
+
+
 CONTENDER_FUNCS = {"A1": contender_a, "A2": contender_a, "B-table": contender_b, "B-dump": contender_b,
-                   "B-online": contender_b}
+                   "B-online": contender_b, "B-sql-table": contender_bsql, "B-sql-dump": contender_bsql}
 
 
 def measure(ctx: dict, name: str, scale: float, src: str, spec: dict) -> dict:
@@ -503,6 +638,9 @@ def measure(ctx: dict, name: str, scale: float, src: str, spec: dict) -> dict:
     workdir = ctx["workdir"] / f"scale{scale}" / name
     workdir.mkdir(parents=True, exist_ok=True)
     clone(cluster, src, db)
+    if name in PREPARE_FUNCS:  # not timed: e.g. render B-sql's migration with the render-only playbook
+        log(f"scale {scale}: {name}: preparing (not timed) ...")
+        ctx.setdefault("prepared", {})[name] = PREPARE_FUNCS[name](ctx, name, db, workdir)
     cluster.execute("CHECKPOINT")  # every contender starts from the same WAL state (full-page writes)
     lsn0 = cluster.scalar("SELECT pg_current_wal_lsn()")
     sampler = Sampler([cluster.datadir, workdir])
@@ -545,6 +683,7 @@ def measure(ctx: dict, name: str, scale: float, src: str, spec: dict) -> dict:
         "writer_errors": writer.errors,
         "detail": detail,
     }
+    row["measures"] = MEASURES.get(name, "")
     if name.startswith("B"):
         row["ansible_peak_rss_mb"] = mb(sampler.peak_rss_max)
         row["ansible_peak_rss_tree_mb"] = mb(sampler.peak_rss_sum)
@@ -690,8 +829,8 @@ def summarize(rows: list[dict]) -> None:
 
 
 def table_text(rows: list[dict], dupchecks: list[dict]) -> str:
-    hdr = ["contender", "scale", "status", "seconds", "WAL MB", "peak extra disk MB", "size after MB",
-           "max writer stall ms", "ratio vs best A", "WAL: best A / this", "ansible peak RSS MB"]
+    hdr = ["contender", "measures", "scale", "status", "seconds", "WAL MB", "peak extra disk MB", "size after MB",
+           "max writer stall ms", "time: best A / this", "WAL: best A / this", "peak RSS MB"]
     lines = []
     notes = []
     for r in rows:
@@ -700,9 +839,10 @@ def table_text(rows: list[dict], dupchecks: list[dict]) -> str:
         ratio = r.get("ratio_vs_best_a")
         wal_ratio = r.get("wal_ratio_vs_best_a")
         sec = r["seconds"] if r["status"] != "timeout" else f">{r['seconds']}"
-        lines.append([r["contender"], r["scale"], r["status"], sec, r["wal_mb"], r["peak_extra_disk_mb"],
-                      r["db_size_after_mb"], r["writer_max_stall_ms"], "-" if ratio is None else f"{ratio}x",
-                      "-" if wal_ratio is None else f"{wal_ratio}x", r.get("ansible_peak_rss_mb", "-")])
+        lines.append([r["contender"], r.get("measures") or MEASURES.get(r["contender"], ""), r["scale"], r["status"],
+                      sec, r["wal_mb"], r["peak_extra_disk_mb"], r["db_size_after_mb"], r["writer_max_stall_ms"],
+                      "-" if ratio is None else f"{ratio}x", "-" if wal_ratio is None else f"{wal_ratio}x",
+                      r.get("ansible_peak_rss_mb", "-")])
         if r["status"] not in ("ok",):
             why = r["detail"].get("error_summary") or str(r["detail"].get("error", ""))[:300]
             notes.append(f"{r['contender']} at scale {r['scale']}: {r['status']}: {why}")
