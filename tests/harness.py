@@ -200,11 +200,19 @@ class PgCluster:
 
 
 def start_cluster(extra_conf: dict[str, str] | None = None) -> PgCluster:
-    root = Path(tempfile.mkdtemp(prefix="dedup-pg-"))
-    cluster = PgCluster(root=root, port=free_port(), os_user=server_os_user())
-    cluster.init(extra_conf)
-    cluster.start()
-    return cluster
+    """initdb + start on a free port; another process may grab the port meanwhile, so retry on a new one."""
+    for attempt in range(3):
+        root = Path(tempfile.mkdtemp(prefix="dedup-pg-"))
+        cluster = PgCluster(root=root, port=free_port(), os_user=server_os_user())
+        cluster.init(extra_conf)
+        try:
+            cluster.start()
+            return cluster
+        except subprocess.CalledProcessError:
+            shutil.rmtree(root, ignore_errors=True)
+            if attempt == 2:
+                raise
+    raise RuntimeError("unreachable")
 
 
 def destroy_cluster(cluster: PgCluster) -> None:
