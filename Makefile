@@ -1,6 +1,8 @@
 # dedup-rollout: the two commands of the quickstart are `make demo` and `make test`.
 SHELL := /bin/bash
 VENV  := .venv
+# Test files run in parallel (each worker has its own throwaway cluster and lab); 2 cores here.
+PYTEST_WORKERS ?= 2
 BIN   := $(VENV)/bin
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -26,7 +28,7 @@ lint: bootstrap       ## ruff, yamllint, ansible-lint (production profile)
 	$(BIN)/ansible-lint --profile production
 
 pytest: bootstrap
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test: lint pytest     ## the whole suite (what CI runs)
 
