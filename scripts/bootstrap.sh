@@ -42,4 +42,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q -r requirements-dev.txt
   echo "$want" > "$stamp"
 fi
-echo "bootstrap: ready ($(.venv/bin/ansible --version | head -n 1))"
+echo "bootstrap: ready ($(.venv/bin/ansible --version 2>/dev/null | sed -n 1p))"
