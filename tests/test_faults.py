@@ -8,6 +8,7 @@ v1 ETL started by hand, a full filesystem (tmpfs) under the dump.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
 import threading
@@ -18,7 +19,7 @@ import pytest
 from psycopg2 import sql
 from test_deploy import DEPLOY, LEDGER, ledger_exists, ledger_tables, rows_of, snapshot, unique_constraints
 
-from harness import REPO, VENV_BIN, ansible_env, wait_for
+from harness import REPO, VENV_BIN, ansible_env
 
 MIGRATE_APP = "dedup-rollout/pg_migrate_table"
 TASK_PHOTOS = "task_photos"  # 5th table of the plan: three tables are done when the run reaches it
@@ -47,6 +48,20 @@ def migration_waiting_pid(lab, table: str = TASK_PHOTOS):
         "WHERE a.datname = %s AND a.application_name = %s AND l.relation = to_regclass(%s)",
         lab.dbname, (lab.dbname, MIGRATE_APP, f"breezeway.{table}"))
     return rows[0][0] if rows else None
+
+
+def wait_until_migration_waits(lab, proc: subprocess.Popen, timeout: float = 240):
+    """pid of the migration's backend once it waits for its lock; fails with the run's output otherwise."""
+    end = time.time() + timeout
+    while time.time() < end:
+        pid = migration_waiting_pid(lab)
+        if pid:
+            return pid
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before the migration waited:\n" + proc.communicate()[0][-5000:])
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise AssertionError("the migration never waited for its lock:\n" + proc.communicate(timeout=60)[0][-5000:])
 
 
 def accounted(lab, original: dict[str, set], deploy_id: str | None = None) -> None:
@@ -132,9 +147,11 @@ def test_locked_table_terminated_backend_and_server_restart_then_resume(lab):
     accounted(lab, original)
     deploy_id = ledger_tables(lab)[0]["run_id"]
 
-    # 2. pg_terminate_backend() of the migration's backend while it waits for the lock.
-    proc = start_deploy(lab, migrate_lock_timeout="120s", migrate_retries=0)
-    pid = wait_for(lambda: migration_waiting_pid(lab), timeout=240)
+    # 2. pg_terminate_backend() of the migration's backend while it waits for the lock. (The reader is older
+    # than preflight_max_xact_age_seconds by now: preflight would refuse it; let it through to get the wait.)
+    proc = start_deploy(lab, migrate_lock_timeout="120s", migrate_retries=0,
+                        preflight_max_xact_age_seconds=3600)
+    pid = wait_until_migration_waits(lab, proc)
     assert lab.pg.scalar("SELECT pg_terminate_backend(%s)", params=(pid,)) is True
     rc, out = finish(proc)
     assert rc != 0
@@ -146,8 +163,9 @@ def test_locked_table_terminated_backend_and_server_restart_then_resume(lab):
     accounted(lab, original)
 
     # 3. The server restarts while the migration waits for the lock.
-    proc = start_deploy(lab, migrate_lock_timeout="120s", migrate_retries=0)
-    wait_for(lambda: migration_waiting_pid(lab), timeout=240)
+    proc = start_deploy(lab, migrate_lock_timeout="120s", migrate_retries=0,
+                        preflight_max_xact_age_seconds=3600)
+    wait_until_migration_waits(lab, proc)
     lab.pg.restart()  # ends every session, the reader's too
     rc, out = finish(proc)
     assert rc != 0
@@ -180,7 +198,7 @@ def test_etl_started_by_hand_during_offline_migration(lab):
     original = snapshot(lab)
     proc = start_deploy(lab, migrate_lock_timeout="1s", migrate_retries=60, migrate_retry_delay=1)
     try:
-        wait_for(lambda: migration_waiting_pid(lab), timeout=240)
+        wait_until_migration_waits(lab, proc)
         assert "#dedup-paused#" in lab.crontab()
         etl = lab.run_etl("nashville", "tasks")  # by hand, past the paused cron: inserts into task_* again
         assert etl.tables["task_requirements"]["affected"] > 0, etl.stdout
@@ -193,6 +211,7 @@ def test_etl_started_by_hand_during_offline_migration(lab):
     if rc != 0:
         # The constraint step refuses the dirty table; the failure names it (not "One or more items failed").
         assert "PARTLY MIGRATED" in out and "still has" in out, out[-4000:]
+        assert lab.password not in out
         res = lab.playbook(DEPLOY)
         assert res.rc == 0, res.output[-5000:]
         assert "Resuming the unfinished deploy" in res.output
@@ -229,6 +248,7 @@ def test_disk_full_during_the_dump_stops_before_the_migration(lab, tiny_fs):
     assert "No space left on device" in res.output
     assert "Nothing was changed in" in res.output and "the ETL cron jobs are resumed" in res.output, res.output[-5000:]
     assert list(tiny_fs.iterdir()) == [], "a partial dump was left behind"
+    assert lab.password not in res.output
     assert lab.counts() == counts and unique_constraints(lab) == cons
     assert lab.crontab() == cron, "the ETL was resumed exactly as it was"
     assert not ledger_exists(lab) or ledger_tables(lab) == []
