@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg2
 from psycopg2 import sql
 
-from harness import REPO, VENV_BIN, ansible_env, parse_recap
+from harness import REPO, VENV_BIN, ansible_env, parse_recap, wait_for
 from labkit import NATURAL_KEYS
 
 DEPLOY = REPO / "deploy_dedup.yml"
@@ -302,6 +302,15 @@ def test_killed_mid_migration_resumes_and_loses_nothing(lab):
     finally:
         blocker.rollback()
         blocker.close()
+    # The killed play's module process may still finish the table in flight: wait for its session to end,
+    # as the next run (and rollback) do, before judging what is where.
+    def idle():
+        rows = lab.query("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                         "AND application_name LIKE 'dedup-rollout/%%' AND application_name NOT LIKE "
+                         "'dedup-rollout/lock%%' AND state IS DISTINCT FROM 'idle' AND pid <> pg_backend_pid()")
+        return rows[0][0] == 0
+
+    wait_for(idle, timeout=120, interval=0.5)
     partial = ledger_tables(lab)
     deploy_id = partial[0]["run_id"]
     assert "#dedup-paused#" in lab.crontab(), "the ETL stays paused after a kill mid-migration"

@@ -166,7 +166,8 @@ def test_process_detection(cron_user):
         deadline = time.time() + 5
         while time.time() < deadline:
             res = cron(state="status", process_pattern=r"run_etl\.py-probe")
-            if len(res["running"]) >= 2:
+            # the runuser wrapper (root) matches too before bash execs the sleep as cron_user: wait for both
+            if me.pid in {p["pid"] for p in res["running"]} and any(p["user"] == cron_user for p in res["running"]):
                 break
             time.sleep(0.1)
         pids = {p["pid"] for p in res["running"]}

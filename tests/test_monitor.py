@@ -115,6 +115,7 @@ def check_files(tmp_path):
     files["pgpass"] = files["config_dir"] / f"check-{name}.pgpass"
     files["log"] = files["log_dir"] / f"check-{name}.log"
     files["extra_vars"] = {
+        "monitor_schedule": True,  # labkit's inventories turn the schedule off by default
         "monitor_check_name": name,
         "monitor_cron_dir": str(CRON_DIR),
         "monitor_textfile_dir": str(files["textfile_dir"]),
