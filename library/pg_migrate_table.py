@@ -74,6 +74,7 @@ seconds:
   type: float
 """
 
+import os
 import time
 import traceback
 
@@ -155,6 +156,7 @@ def main():
                          msg="would deduplicate %s.%s in one transaction (%d steps)" % (p["schema"], p["table"],
                                                                                      len(steps)))
     conn = connect(module, autocommit=False)
+    parent = os.getppid()
     attempts = 0
     last_error = None
     timings = ledger = None
@@ -184,6 +186,13 @@ def main():
             if code in RETRYABLE and attempts <= p["retries"]:
                 last_error = error_text(exc, module)
                 time.sleep(p["retry_delay"])
+                if os.getppid() != parent:
+                    # The play that started us is gone (killed): do not go on changing the table behind the
+                    # back of whoever looks next (a re-run or a rollback).
+                    conn.close()
+                    module.fail_json(msg="the play that started the migration of %s.%s is gone; stopped before "
+                                         "attempt %d, nothing changed in this table" % (p["schema"], p["table"],
+                                                                                    attempts + 1))
                 continue
             if code in RETRYABLE:
                 last_error = error_text(exc, module)

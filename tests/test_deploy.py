@@ -312,7 +312,14 @@ def test_killed_mid_migration_resumes_and_loses_nothing(lab):
                          "'dedup-rollout/lock%%' AND state IS DISTINCT FROM 'idle' AND pid <> pg_backend_pid()")
         return rows[0][0] == 0
 
-    wait_for(idle, timeout=120, interval=0.5)
+    # idle for 5 s in a row: a module of the killed play sleeping between lock retries is idle too
+    streak = {"n": 0}
+
+    def settled():
+        streak["n"] = streak["n"] + 1 if idle() else 0
+        return streak["n"] >= 10
+
+    wait_for(settled, timeout=180, interval=0.5)
     partial = ledger_tables(lab)
     deploy_id = partial[0]["run_id"]
     assert "#dedup-paused#" in lab.crontab(), "the ETL stays paused after a kill mid-migration"
