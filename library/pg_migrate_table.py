@@ -44,6 +44,30 @@ options:
     description: Seconds between attempts.
     type: float
     default: 3
+  run_id:
+    description:
+      - The deploy's run id. Every statement is sent with a leading comment naming the run, the table, the step and
+        the attempt, so that C(pg_migrate_progress) (or anyone looking at C(pg_stat_activity)) sees where it is.
+    type: str
+    default: ''
+  run_lock_id:
+    description:
+      - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Before every retry the
+        module checks that the lock's holder session is still there, and stops if it is not (the play was killed),
+        also when it runs under C(async) where its parent process is not the play.
+    type: str
+    default: ''
+  progress_interval:
+    description:
+      - Handled by the action plugin (C(plugins/action/pg_migrate_table.py)). When above 0, the migration runs in the
+        background under Ansible's async wrapper and a progress line (step, seconds, lock waits, index build counters)
+        is printed every C(progress_interval) seconds; the task's result is the same. 0 runs it in the foreground.
+    type: float
+    default: 0
+  progress_timeout:
+    description: Longest a background migration may run (seconds) before Ansible's async wrapper stops it.
+    type: int
+    default: 86400
 """
 
 EXAMPLES = r"""
@@ -87,7 +111,7 @@ from ansible.module_utils.dedup_pg import (
     lock_holders,
     pg_common_argument_spec,
 )
-from ansible.module_utils.dedup_plan import split_steps
+from ansible.module_utils.dedup_plan import split_steps, step_marker
 
 try:
     from psycopg2 import errors as pg_errors
@@ -114,13 +138,13 @@ class NoDuplicates(Exception):
     """The keep-set holds every row: there is nothing to remove, so nothing is rewritten."""
 
 
-def run_once(conn, steps):
+def run_once(conn, steps, marker):
     timings = []
     ledger = None
     with conn.cursor() as cur:
-        for name, body in steps:
+        for number, (name, body) in enumerate(steps, start=1):
             t0 = time.monotonic()
-            cur.execute(body)
+            cur.execute(marker(name, number) + body)
             if name == "keep":
                 cur.execute("SELECT coalesce(sum(dedup_n), 0) = count(*) FROM dedup_keep")
                 if cur.fetchone()[0]:
@@ -134,6 +158,34 @@ def run_once(conn, steps):
     return timings, ledger
 
 
+def show_waiting(conn, marker):
+    """Leave a marker as the session's last statement while it sleeps (outside any transaction)."""
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(marker + "SELECT 1")
+    except Exception:  # noqa: BLE001 - only for progress display
+        pass
+    finally:
+        if not conn.closed:
+            conn.autocommit = False
+
+
+def run_lock_alive(conn, run_id):
+    """Whether the pg_run_lock holder of ``run_id`` (application name 'dedup-rollout/lock run=<id>') is connected."""
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE application_name = %s)",
+                        (("dedup-rollout/lock run=%s" % run_id)[:63],))
+            return bool(cur.fetchone()[0])
+    except Exception:  # noqa: BLE001 - if we cannot tell, go on as before
+        return True
+    finally:
+        if not conn.closed:
+            conn.autocommit = False
+
+
 def main():
     argument_spec = pg_common_argument_spec()
     argument_spec.update(
@@ -143,6 +195,10 @@ def main():
         strategy=dict(type="str", default="replace", choices=["replace", "delete"]),
         retries=dict(type="int", default=5),
         retry_delay=dict(type="float", default=3.0),
+        run_id=dict(type="str", default=""),
+        run_lock_id=dict(type="str", default=""),
+        progress_interval=dict(type="float", default=0.0),
+        progress_timeout=dict(type="int", default=86400),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     p = module.params
@@ -160,10 +216,14 @@ def main():
     attempts = 0
     last_error = None
     timings = ledger = None
+
+    def marker(name, number):
+        return step_marker(p["run_id"], p["schema"], p["table"], name, number, len(steps), attempts)
+
     while attempts <= p["retries"]:
         attempts += 1
         try:
-            timings, ledger = run_once(conn, steps)
+            timings, ledger = run_once(conn, steps, marker)
             break
         except NoDuplicates:
             conn.rollback()
@@ -185,8 +245,9 @@ def main():
             conn.rollback()
             if code in RETRYABLE and attempts <= p["retries"]:
                 last_error = error_text(exc, module)
+                show_waiting(conn, marker("retry_wait", 0))
                 time.sleep(p["retry_delay"])
-                if os.getppid() != parent:
+                if os.getppid() != parent or (p["run_lock_id"] and not run_lock_alive(conn, p["run_lock_id"])):
                     # The play that started us is gone (killed): do not go on changing the table behind the
                     # back of whoever looks next (a re-run or a rollback).
                     conn.close()

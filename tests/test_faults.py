@@ -149,12 +149,17 @@ def test_locked_table_terminated_backend_and_server_restart_then_resume(lab):
 
     # 2. pg_terminate_backend() of the migration's backend while it waits for the lock. (The reader is older
     # than preflight_max_xact_age_seconds by now: preflight would refuse it; let it through to get the wait.)
+    # This run shows progress while a table runs (every table counts as big): the migration runs in the
+    # background and the play prints where it is, including the lock it waits for and who holds it.
     proc = start_deploy(lab, migrate_lock_timeout="120s", migrate_retries=0,
-                        preflight_max_xact_age_seconds=3600)
+                        preflight_max_xact_age_seconds=3600, migrate_progress_min_size=0,
+                        migrate_progress_interval=1)
     pid = wait_until_migration_waits(lab, proc)
+    time.sleep(3)  # a few progress lines
     assert lab.pg.scalar("SELECT pg_terminate_backend(%s)", params=(pid,)) is True
     rc, out = finish(proc)
     assert rc != 0
+    assert "breezeway.task_photos: step 2/" in out and f"held by pid(s) {reader_pid}" in out, out[-4000:]
     assert f"Resuming the unfinished deploy {deploy_id}" in out
     assert "the connection to the server was lost" in out, out[-4000:]
     assert "MODULE FAILURE" not in out and "Traceback" not in out, out[-4000:]
