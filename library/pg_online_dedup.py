@@ -113,6 +113,10 @@ repacked:
   description: Whether pg_repack rewrote the table.
   returned: always
   type: bool
+repack_skipped:
+  description: Why pg_repack was not used (no extension, no client of the extension's version, or C(repack=never)).
+  returned: when pg_repack was not used
+  type: str
 steps:
   description: Step name, seconds and counts.
   returned: always

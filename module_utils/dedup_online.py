@@ -517,26 +517,53 @@ class OnlineDedup:
                 "heap_bloat_bytes_estimate": max(0, heap - live)}
 
     def repack_available(self):
+        """(extension version, client path, why not) for pg_repack: the client must match the extension.
+
+        The client is looked up on PATH, then where Debian (/usr/lib/postgresql/<major>/bin) and the PGDG RPMs
+        (/usr/pgsql-<major>/bin) put it, for the server's major version."""
         with self.conn.cursor() as cur:
             cur.execute("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_repack'")
             row = cur.fetchone()
-        binary = shutil.which("pg_repack")
-        return (row[0] if row else None), binary
+            cur.execute("SELECT current_setting('server_version_num')::int / 10000")
+            major = cur.fetchone()[0]
+        ext = row[0] if row else None
+        if not ext:
+            return None, None, "the database has no pg_repack extension (CREATE EXTENSION pg_repack)"
+        candidates = [shutil.which("pg_repack"), "/usr/lib/postgresql/%d/bin/pg_repack" % major,
+                      "/usr/pgsql-%d/bin/pg_repack" % major]
+        found = []
+        for binary in [c for c in candidates if c and os.access(c, os.X_OK)]:
+            try:
+                out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+            except (OSError, subprocess.SubprocessError):
+                continue
+            version = (out.split() or ["?", "?"])[-1]
+            if version == ext:
+                return ext, binary, None
+            found.append("%s is %s" % (binary, version))
+        if found:
+            return ext, None, "no pg_repack client of the extension's version %s (%s)" % (ext, "; ".join(found))
+        return ext, None, "no pg_repack client on the db host (install postgresql-%d-repack)" % major
 
     def repack(self):
         """pg_repack the table (short ACCESS EXCLUSIVE at both ends; gives up instead of killing sessions)."""
         p = self.p
-        ext, binary = self.repack_available()
+        if p["repack"] == "never":
+            self.result["repack_skipped"] = "migrate_online_repack is never"
+            return False
+        ext, binary, why_not = self.repack_available()
         self.result["repack_extension"] = ext
         self.result["repack_binary"] = binary
-        if p["repack"] == "never" or not ext or not binary:
+        if why_not:
+            self.result["repack_skipped"] = why_not
             return False
         kw = conn_params(p)
         env = dict(os.environ)
         if kw.get("password"):
             env["PGPASSWORD"] = kw["password"]
         cmd = [binary, "--no-kill-backend", "--wait-timeout", str(int(p["repack_wait_timeout"])),
-               "--table", "%s.%s" % (p["schema"], p["table"]), "--dbname", kw.get("dbname", "")]
+               "--table", sql.Identifier(p["schema"], p["table"]).as_string(self.conn),
+               "--dbname", kw.get("dbname", "")]
         if kw.get("host"):
             cmd += ["--host", kw["host"]]
         if kw.get("port"):

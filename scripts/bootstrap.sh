@@ -31,6 +31,18 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   fi
 fi
 
+# pg_repack (online mode gives disk space back with it when a server has the extension; tests exercise it):
+# the client/extension package of the installed server's major version, when the archive has one.
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+if [ -n "$pg_bin" ] && [ ! -x "$pg_bin/pg_repack" ] && [ "$(id -u)" -eq 0 ]; then
+  pg_major=$(basename "$(dirname "$pg_bin")")
+  if apt-cache show "postgresql-$pg_major-repack" >/dev/null 2>&1; then
+    echo "bootstrap: installing postgresql-$pg_major-repack"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "postgresql-$pg_major-repack" \
+      >/dev/null || echo "bootstrap: postgresql-$pg_major-repack could not be installed; its tests will skip" >&2
+  fi
+fi
+
 # The system cluster that Debian's postgresql package starts is never used by the project.
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -6,6 +6,8 @@ Real parts only: the harness cluster, the real module code, the real ansible-pla
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 
@@ -92,6 +94,53 @@ def test_module_dedups_keeps_oldest_backs_up_and_constrains(pg, fresh_db):
 
     again = run_module("pg_online_dedup", _args(pg, fresh_db))
     assert not again.get("failed") and not again["changed"] and again["action"] == "none"
+    conn.close()
+
+
+def _repack_client(pg) -> str | None:
+    major = pg.version
+    for cand in (shutil.which("pg_repack"), f"/usr/lib/postgresql/{major}/bin/pg_repack",
+                 f"/usr/pgsql-{major}/bin/pg_repack"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def test_pg_repack_gives_the_space_back_when_the_server_has_it(pg, fresh_db):
+    """With the extension in the database and its client on the db host (bootstrap installs
+    postgresql-<ver>-repack), online mode rewrites the table with pg_repack: the space comes back.
+    Without the extension it says why it did not, and the free space stays inside the table."""
+    if not _repack_client(pg):
+        pytest.skip("pg_repack is not installed (scripts/bootstrap.sh installs postgresql-<ver>-repack)")
+    extra = """
+CREATE TABLE s."Big Items" (id bigserial PRIMARY KEY, k1 int NOT NULL, payload text);
+INSERT INTO s."Big Items" (k1, payload) SELECT g % 500, repeat('x', 200) FROM generate_series(1, 40000) g;
+"""
+    conn = _db(pg, fresh_db, extra)
+    before = _q(conn, """SELECT pg_total_relation_size('s."Big Items"')""")[0][0]
+    # Without the extension: not used, and the reason is given.
+    res = run_module("pg_online_dedup", _args(pg, fresh_db, table="Big Items", natural_key=["k1"],
+                                              backup_table="big__r1", batch_rows=5000))
+    assert not res.get("failed"), res
+    assert res["repacked"] is False and "CREATE EXTENSION pg_repack" in res["repack_skipped"]
+    unrepacked = _q(conn, """SELECT pg_total_relation_size('s."Big Items"')""")[0][0]
+
+    # The same again on a fresh copy, with the extension.
+    _q(conn, """CREATE EXTENSION pg_repack; DROP TABLE s."Big Items"; DROP TABLE dedup_rollout.big__r1;
+               DELETE FROM dedup_rollout.table_runs; SELECT 1""")
+    with conn.cursor() as cur:
+        cur.execute(extra)
+    res = run_module("pg_online_dedup", _args(pg, fresh_db, table="Big Items", natural_key=["k1"],
+                                              backup_table="big__r1", batch_rows=5000))
+    assert not res.get("failed"), res
+    assert res["repacked"] is True, res.get("repack_skipped") or res.get("warnings")
+    after = _q(conn, """SELECT pg_total_relation_size('s."Big Items"')""")[0][0]
+    assert _q(conn, 'SELECT count(*), count(DISTINCT k1) FROM s."Big Items"') == [(500, 500)]
+    assert _q(conn, "SELECT count(*) FROM dedup_rollout.big__r1") == [(39500,)]
+    assert after < unrepacked / 4 and after < before / 4, (before, unrepacked, after)
+    assert _q(conn, """SELECT count(*) FROM pg_constraint WHERE conrelid = 's."Big Items"'::regclass
+                       AND contype = 'u'""") == [(1,)]
+    print(f"\nsize before {before}, after without pg_repack {unrepacked}, with pg_repack {after}")
     conn.close()
 
 
