@@ -110,6 +110,7 @@ from ansible.module_utils.dedup_pg import (
     get_table,
     lock_holders,
     pg_common_argument_spec,
+    run_lock_alive,
 )
 from ansible.module_utils.dedup_plan import split_steps, step_marker
 
@@ -171,14 +172,12 @@ def show_waiting(conn, marker):
             conn.autocommit = False
 
 
-def run_lock_alive(conn, run_id):
-    """Whether the pg_run_lock holder of ``run_id`` (application name 'dedup-rollout/lock run=<id>') is connected."""
+def play_alive(conn, run_id):
+    """Whether the play's run lock holder is still connected (True when that cannot be told)."""
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE application_name = %s)",
-                        (("dedup-rollout/lock run=%s" % run_id)[:63],))
-            return bool(cur.fetchone()[0])
+            return run_lock_alive(cur, run_id)
     except Exception:  # noqa: BLE001 - if we cannot tell, go on as before
         return True
     finally:
@@ -247,7 +246,7 @@ def main():
                 last_error = error_text(exc, module)
                 show_waiting(conn, marker("retry_wait", 0))
                 time.sleep(p["retry_delay"])
-                if os.getppid() != parent or (p["run_lock_id"] and not run_lock_alive(conn, p["run_lock_id"])):
+                if os.getppid() != parent or (p["run_lock_id"] and not play_alive(conn, p["run_lock_id"])):
                     # The play that started us is gone (killed): do not go on changing the table behind the
                     # back of whoever looks next (a re-run or a rollback).
                     conn.close()

@@ -57,6 +57,12 @@ options:
     description: pg_repack C(--wait-timeout) in seconds (it gives up rather than kill sessions).
     type: int
     default: 10
+  run_lock_id:
+    description:
+      - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Between two batches
+        the module stops once that lock's holder session is gone (the play was killed).
+    type: str
+    default: ''
 notes:
   - Writers must use READ COMMITTED (the default) for the guard to see concurrent new keys; a duplicate that
     still gets in makes the unique index build fail, and the module deduplicates once more.
@@ -165,6 +171,7 @@ def main():
         maintenance_work_mem=dict(type="str", default="1GB"),
         repack=dict(type="str", default="auto", choices=["auto", "never"]),
         repack_wait_timeout=dict(type="int", default=10),
+        run_lock_id=dict(type="str", default=""),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
                            required_if=[("backup_mode", "table", ["backup_table"])])

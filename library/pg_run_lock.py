@@ -64,7 +64,12 @@ import sys
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.dedup_pg import conn_params, describe_connect_error, pg_common_argument_spec
+from ansible.module_utils.dedup_pg import (
+    conn_params,
+    describe_connect_error,
+    pg_common_argument_spec,
+    run_lock_app_name,
+)
 
 try:
     import psycopg2
@@ -184,7 +189,7 @@ def main():
         module.exit_json(changed=True, msg="lock released (holder pid %d)" % pid)
     if psycopg2 is None:
         module.fail_json(msg="the python psycopg2 library is required on the target")
-    kw["application_name"] = ("dedup-rollout/lock run=%s" % p["run_id"])[:63]
+    kw["application_name"] = run_lock_app_name(p["run_id"])
     watch = controller_pid()
     rfd, wfd = os.pipe()
     pid = os.fork()

@@ -38,6 +38,7 @@ from ansible.module_utils.dedup_pg import (
     fit_name,
     get_table,
     qualified,
+    run_lock_alive,
     server_version_num,
 )
 
@@ -83,6 +84,24 @@ class OnlineDedup:
         self.result = {"steps": [], "batches": 0, "rows_removed": 0, "lock_attempts": 0,
                        "longest_batch_seconds": 0.0, "longest_lock_seconds": 0.0, "vacuums": 0,
                        "repacked": False}
+        self.parent = os.getppid()
+        self._play_checked = 0.0
+
+    def check_play(self, what):
+        """Stop (between two transactions) once the play that started this module is gone: its parent
+        process changed (local runs) or its pg_run_lock holder left (run_lock_id; checked at most every 2 s).
+        A killed play's module must not go on changing the table behind a re-run or a rollback."""
+        gone = os.getppid() != self.parent
+        run_lock_id = self.p.get("run_lock_id")
+        if not gone and run_lock_id and time.monotonic() - self._play_checked >= 2.0:
+            self._play_checked = time.monotonic()
+            with self.conn.cursor() as cur:
+                gone = not run_lock_alive(cur, run_lock_id)
+        if gone:
+            raise DedupPgError(
+                "the play that started the online deduplication is gone (killed?); stopped before %s after %d "
+                "batch(es) and %d removed row(s), each committed together with its backup copy. Re-run "
+                "deploy_dedup.yml to resume." % (what, self.result["batches"], self.result["rows_removed"]))
 
     # ------------------------------------------------------------------ plumbing
     def _text(self, stmt):
@@ -397,6 +416,7 @@ class OnlineDedup:
         lo = None
         removed = batches = 0
         while True:
+            self.check_play("the next batch")
             with self.conn.cursor() as cur:
                 self.execute(cur, window, {"lo": lo, "hi": max_id, "n": int(p["batch_rows"])})
                 whi = cur.fetchone()[0]
@@ -617,6 +637,7 @@ class OnlineDedup:
                     rows_before = rows_now if rows_before is None else rows_before
                     self.delete_batches(max_id)
                     self.vacuum(analyze=True)
+                    self.check_play("building the unique index")
                     try:
                         self.build_index(self.cname, unique=True)
                     except psycopg2.Error as exc:
@@ -627,6 +648,7 @@ class OnlineDedup:
                             continue
                         raise
                 break
+            self.check_play("attaching the constraint")
             st = self.state()
             self.attach(st)
             self.cleanup(self.state())

@@ -37,6 +37,18 @@ class DedupPgError(Exception):
 # --------------------------------------------------------------------------- connection
 
 
+def run_lock_app_name(run_id):
+    """application_name of the pg_run_lock holder session of ``run_id``."""
+    return ("%slock run=%s" % (APP_PREFIX, run_id))[:63]
+
+
+def run_lock_alive(cur, run_id):
+    """Whether the pg_run_lock holder of ``run_id`` is still connected (the play that took it is alive)."""
+    cur.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE application_name = %s)",
+                (run_lock_app_name(run_id),))
+    return bool(cur.fetchone()[0])
+
+
 def pg_common_argument_spec():
     """Connection options shared by the database modules (unset = libpq default / PG* env / .pgpass)."""
     return dict(

@@ -20,14 +20,18 @@ Needs root (the ETL OS user and its crontab are real); skips otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +41,7 @@ import pytest
 import yaml
 from psycopg2 import sql
 
-from harness import REPO, PgCluster, PlaybookResult, run_playbook
+from harness import REPO, VENV_BIN, PgCluster, PlaybookResult, ansible_env, run_playbook, wait_for
 
 LAB_SCALE = 0.001
 TEMPLATE_DB = "lab_template"
@@ -274,6 +278,72 @@ class Lab:
     def playbook(self, playbook, *args, **kw) -> PlaybookResult:
         """run_playbook() against this lab's inventory."""
         return run_playbook(playbook, *args, inventory=self.inventory, **kw)
+
+    def start_playbook(self, playbook, **extra_vars) -> subprocess.Popen:
+        """``ansible-playbook PLAYBOOK -i <lab> -e k=v ...`` in its own process group, output piped (text)."""
+        cmd = [str(VENV_BIN / "ansible-playbook"), str(playbook), "-i", str(self.inventory)]
+        for k, v in extra_vars.items():
+            cmd += ["-e", f"{k}={v}"]
+        return subprocess.Popen(cmd, cwd=REPO, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+
+    def kill_run(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a run started by start_playbook, and every process of it (ansible's forked workers can
+        outlive the group kill, so everything naming this lab's inventory goes too)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        subprocess.run(["pkill", "-9", "-f", str(self.inventory)], check=False)
+
+    def run_killed_at(self, playbook, marker: str, delay: float = 0.0, timeout: float = 600,
+                      **extra_vars) -> tuple[bool, str]:
+        """Run PLAYBOOK and SIGKILL it ``delay`` seconds after a line containing ``marker`` appears.
+
+        Returns (killed, output). killed is False when the run ended before the marker showed up."""
+        proc = self.start_playbook(playbook, **extra_vars)
+        lines: list[str] = []
+        seen = threading.Event()
+
+        def reader():
+            for line in proc.stdout:
+                lines.append(line)
+                if marker in line:
+                    seen.set()
+
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        end = time.time() + timeout
+        while not seen.is_set() and proc.poll() is None and time.time() < end:
+            time.sleep(0.05)
+        killed = False
+        if seen.is_set():
+            time.sleep(delay)
+            killed = proc.poll() is None
+            self.kill_run(proc)
+        elif proc.poll() is None:
+            self.kill_run(proc)
+            th.join(timeout=10)
+            raise AssertionError(f"{marker!r} did not appear within {timeout} s:\n" + "".join(lines)[-5000:])
+        proc.wait(timeout=60)
+        th.join(timeout=10)
+        return killed, "".join(lines)
+
+    def settle(self, timeout: float = 180) -> None:
+        """Wait until nothing a killed run left behind still works: no busy dedup-rollout session for 5 s in a
+        row (a module sleeping between lock retries is idle in between) and no ETL process of this lab."""
+        streak = {"n": 0}
+
+        def quiet() -> bool:
+            busy = self.query(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name LIKE 'dedup-rollout/%%' AND application_name NOT LIKE 'dedup-rollout/lock%%' "
+                "AND state IS DISTINCT FROM 'idle' AND pid <> pg_backend_pid()")[0][0]
+            etl = subprocess.run(["pgrep", "-u", self.etl_user, "-f", "run_etl.py"],
+                                 capture_output=True).returncode == 0
+            streak["n"] = streak["n"] + 1 if not busy and not etl else 0
+            return streak["n"] >= 10
+
+        wait_for(quiet, timeout=timeout, interval=0.5)
 
 
 # --------------------------------------------------------------------------- fixtures

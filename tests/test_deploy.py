@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import stat
 import subprocess
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import psycopg2
 from psycopg2 import sql
 
-from harness import REPO, VENV_BIN, ansible_env, parse_recap, wait_for
+from harness import REPO, VENV_BIN, ansible_env, parse_recap
 from labkit import NATURAL_KEYS
 
 DEPLOY = REPO / "deploy_dedup.yml"
@@ -283,10 +282,7 @@ def test_killed_mid_migration_resumes_and_loses_nothing(lab):
     blocker = lab.conn(autocommit=False)
     with blocker.cursor() as cur:  # hold task_photos (5th table) so the run stops there, mid-migration
         cur.execute("LOCK TABLE breezeway.task_photos IN ACCESS SHARE MODE")
-    cmd = [str(VENV_BIN / "ansible-playbook"), str(DEPLOY), "-i", str(lab.inventory),
-           "-e", "migrate_retries=50", "-e", "migrate_lock_timeout=1s"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = lab.start_playbook(DEPLOY, migrate_retries=50, migrate_lock_timeout="1s")
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -297,29 +293,13 @@ def test_killed_mid_migration_resumes_and_loses_nothing(lab):
         else:
             raise AssertionError("the migration never got going")
         time.sleep(2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        # ansible's forked workers can outlive the group kill: end every process of this run.
-        subprocess.run(["pkill", "-9", "-f", str(lab.inventory)], check=False)
+        lab.kill_run(proc)
     finally:
         blocker.rollback()
         blocker.close()
     # The killed play's module process may still finish the table in flight: wait for its session to end,
     # as the next run (and rollback) do, before judging what is where.
-    def idle():
-        rows = lab.query("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                         "AND application_name LIKE 'dedup-rollout/%%' AND application_name NOT LIKE "
-                         "'dedup-rollout/lock%%' AND state IS DISTINCT FROM 'idle' AND pid <> pg_backend_pid()")
-        return rows[0][0] == 0
-
-    # idle for 5 s in a row: a module of the killed play sleeping between lock retries is idle too
-    streak = {"n": 0}
-
-    def settled():
-        streak["n"] = streak["n"] + 1 if idle() else 0
-        return streak["n"] >= 10
-
-    wait_for(settled, timeout=180, interval=0.5)
+    lab.settle()
     partial = ledger_tables(lab)
     deploy_id = partial[0]["run_id"]
     assert "#dedup-paused#" in lab.crontab(), "the ETL stays paused after a kill mid-migration"

@@ -14,6 +14,7 @@ import time
 import psycopg2
 import pytest
 
+from harness import wait_for
 from modkit import pg_args, run_module
 
 LEDGER_SQL = """
@@ -392,3 +393,63 @@ def test_deploy_online_while_the_etl_and_an_inserter_write(lab):
     print(f"\nonline deploy on the lab: {seconds:.1f} s with writers; inserter {len(w.stalls)} statements, "
           f"longest stall {max(w.stalls):.3f} s; ETL runs {len(w.etl_runs)} (longest {max(w.etl_seconds):.1f} s)")
     assert max(w.stalls) < 1.0
+
+
+def _accounted_online(lab, original: dict[str, set]) -> None:
+    """Every original row is in its table or in the backup table online mode recorded for it."""
+    backups = dict(lab.query("SELECT table_name, backup_table FROM dedup_rollout.table_runs "
+                             "WHERE backup_table IS NOT NULL")) if lab.query(
+        "SELECT to_regclass('dedup_rollout.table_runs') IS NOT NULL")[0][0] else {}
+    for t in lab.tables:
+        now = {r[0] for r in lab.query(psycopg2.sql.SQL("SELECT x::text FROM {} x").format(
+            psycopg2.sql.Identifier(lab.schema, t)))}
+        saved = set()
+        if t in backups and lab.query("SELECT to_regclass(%s) IS NOT NULL", (f'dedup_rollout."{backups[t]}"',))[0][0]:
+            saved = {r[0] for r in lab.query(psycopg2.sql.SQL("SELECT x::text FROM {} x").format(
+                psycopg2.sql.Identifier("dedup_rollout", backups[t])))}
+        assert original[t] <= now | saved, f"{t}: {len(original[t] - now - saved)} rows lost"
+
+
+@pytest.mark.slow
+def test_online_deploy_killed_then_backend_terminated_then_resumes(lab):
+    """Faults in online mode: the play SIGKILLed mid-table, then the module's backend terminated mid-table;
+    each time nothing is lost and the ETL cron is never touched; a plain re-run finishes like an
+    uninterrupted online deploy."""
+    original = {t: {r[0] for r in lab.query(psycopg2.sql.SQL("SELECT x::text FROM {} x").format(
+        psycopg2.sql.Identifier(lab.schema, t)))} for t in lab.tables}
+    before = _kept(lab)
+    cron_before = lab.crontab()
+    slow = {"dedup_mode": "online", "migrate_online_batch_rows": 300, "migrate_online_batch_pause": 0.3}
+
+    killed, out = lab.run_killed_at(
+        "playbooks/deploy_dedup.yml",
+        "TASK [migrate : Deduplicate and constrain each table while its writers keep running]", 6.0, **slow)
+    assert killed, out[-4000:]
+    lab.settle()
+    assert lab.crontab() == cron_before, "online mode never pauses the ETL"
+    _accounted_online(lab, original)
+    assert sum(lab.duplicates().values()) > 0, "the kill landed before the end of the work"
+
+    proc = lab.start_playbook("playbooks/deploy_dedup.yml", **slow)
+    pid = wait_for(lambda: (lab.query(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = "
+        "'dedup-rollout/pg_online_dedup' AND state <> 'idle'") or [[None]])[0][0], timeout=300, interval=0.2)
+    time.sleep(1.0)
+    assert lab.pg.scalar("SELECT pg_terminate_backend(%s)", params=(pid,)) is True
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, out[-4000:]
+    assert "Traceback" not in out and lab.password not in out
+    lab.settle()
+    assert lab.crontab() == cron_before
+    _accounted_online(lab, original)
+
+    res = lab.playbook("playbooks/deploy_dedup.yml", "-e", "dedup_mode=online")
+    assert res.rc == 0, res.output[-5000:]
+    assert lab.duplicates() == dict.fromkeys(lab.tables, 0)
+    after = _kept(lab)
+    for t in lab.tables:
+        assert after[t] == before[t], t
+    _accounted_online(lab, original)
+    assert lab.crontab() == cron_before
+    again = lab.playbook("playbooks/deploy_dedup.yml", "-e", "dedup_mode=online")
+    assert again.rc == 0 and again.changed() == 0, again.output[-3000:]

@@ -8,15 +8,12 @@ original rows, with the ETL's updates and new rows on top (nothing written since
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import time
 
 from psycopg2 import sql
 
-from harness import REPO, VENV_BIN, ansible_env
+from harness import REPO
 
 DEPLOY = REPO / "deploy_dedup.yml"
 ROLLBACK = REPO / "rollback.yml"
@@ -199,10 +196,7 @@ def test_rollback_after_a_deploy_killed_mid_migration(lab):
     blocker = lab.conn(autocommit=False)
     with blocker.cursor() as cur:  # hold task_photos so the run stops there, half the tables migrated
         cur.execute("LOCK TABLE breezeway.task_photos IN ACCESS SHARE MODE")
-    cmd = [str(VENV_BIN / "ansible-playbook"), str(DEPLOY), "-i", str(lab.inventory),
-           "-e", "migrate_retries=50", "-e", "migrate_lock_timeout=1s"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = lab.start_playbook(DEPLOY, migrate_retries=50, migrate_lock_timeout="1s")
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -214,18 +208,12 @@ def test_rollback_after_a_deploy_killed_mid_migration(lab):
         else:
             raise AssertionError("the migration never got going")
         time.sleep(2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        # ansible's forked workers can outlive the group kill: end every process of this run.
-        subprocess.run(["pkill", "-9", "-f", str(lab.inventory)], check=False)
+        lab.kill_run(proc)
     finally:
         blocker.rollback()
         blocker.close()
     # A statement the killed play had sent may still finish server-side: wait for its sessions to end.
-    deadline = time.time() + 60
-    while lab.query("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'dedup-rollout/%%' "
-                    "AND datname = current_database()")[0][0] and time.time() < deadline:
-        time.sleep(0.5)
+    lab.settle()
     (deploy_id,) = runs(lab).keys()
     assert runs(lab)[deploy_id]["status"] == "running"
     assert "#dedup-paused#" in lab.crontab()
