@@ -81,6 +81,7 @@ from ansible.module_utils.dedup_pg import (
     connect,
     error_text,
     pg_common_argument_spec,
+    relation_exists,
     validate_identifier,
 )
 
@@ -96,8 +97,7 @@ TABLE_COLUMNS = {"status", "constraint_name", "constraint_created", "size_after"
 
 
 def ledger_exists(cur, schema):
-    cur.execute("SELECT to_regclass(format('%%I.%%I', %s::text, 'table_runs')) IS NOT NULL", (schema,))
-    return cur.fetchone()[0]
+    return relation_exists(cur, schema, "table_runs")
 
 
 def _jsonable(row, cols):

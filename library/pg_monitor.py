@@ -137,7 +137,6 @@ check_id:
   type: int
 """
 
-import datetime
 import json
 import traceback
 
@@ -147,8 +146,10 @@ from ansible.module_utils.dedup_pg import (
     connect,
     error_text,
     pg_common_argument_spec,
+    relation_exists,
     validate_identifier,
 )
+from ansible.module_utils.dedup_pg import utc_iso as iso
 
 try:
     from psycopg2 import sql
@@ -157,19 +158,6 @@ except ImportError:  # pragma: no cover
 
 RUN_FIELDS = ("run_id", "kind", "status", "environment", "mode", "backup_mode", "target_run_id", "dump_path",
               "dump_bytes", "dump_host", "started_at", "finished_at", "details")
-
-
-def iso(value):
-    if isinstance(value, datetime.datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return value
-
-
-def relation_exists(cur, schema, name):
-    cur.execute("SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL", (schema, name))
-    return bool(cur.fetchone()[0])
 
 
 def server_now(cur, now):

@@ -8,6 +8,7 @@ All SQL is composed with psycopg2.sql; nothing is string-formatted.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
 
@@ -35,6 +36,21 @@ class DedupPgError(Exception):
 
 
 # --------------------------------------------------------------------------- connection
+
+
+def utc_iso(value):
+    """A datetime as 'YYYY-MM-DDTHH:MM:SSZ' (UTC); anything else as it is."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value
+
+
+def relation_exists(cur, schema, name):
+    """Whether schema.name exists (any relation kind), both taken as plain names."""
+    cur.execute("SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL", (schema, name))
+    return bool(cur.fetchone()[0])
 
 
 def run_lock_app_name(run_id):
