@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark (bench/run_bench.py): a tiny scale, contender A1 only.
+"""Smoke test of the benchmark (bench/run_bench.py): a tiny scale, contenders A1 and B-online.
 
 Real parts: the script starts its own cluster (default durability), builds the runbook-shaped
 database, runs the runbook's SQL with the real psql, and writes its JSON. We check the JSON.
@@ -16,9 +16,9 @@ from harness import REPO
 def test_bench_smoke_writes_expected_json(tmp_path):
     results = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run_bench.py"), "--scale", "0.002", "--contenders", "A1",
+        [sys.executable, str(REPO / "bench" / "run_bench.py"), "--scale", "0.002", "--contenders", "A1,B-online",
          "--results-dir", str(results)],  # cluster under bench/work (the postgres user must reach it)
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| A1" in proc.stdout and "max writer stall ms" in proc.stdout
@@ -39,8 +39,12 @@ def test_bench_smoke_writes_expected_json(tmp_path):
                                             "task_assignments", "task_photos", "task_comments"}
     assert all(isinstance(v["A1"]["hashed_subplan"], bool) for v in run["explain_a_delete"].values())
 
-    (row,) = run["contenders"]
+    row, online = run["contenders"]
     assert row["contender"] == "A1" and row["status"] == "ok"
+    # The online row: the whole playbook in dedup_mode online, with the concurrent writer.
+    assert online["contender"] == "B-online" and online["status"] == "ok", online.get("detail", {}).get("error")
+    assert online["check"]["ok"] is True and online["writer_max_stall_ms"] < 1000
+    assert online["check"]["writer_rows_found"] == online["check"]["writer_rows_committed"] > 0
     for field in ("seconds", "wal_mb", "peak_extra_disk_mb", "db_size_after_mb", "writer_max_stall_ms",
                   "ratio_vs_best_a"):
         assert isinstance(row[field], (int, float)), field
