@@ -64,7 +64,8 @@ DEFAULT_CONF = {
 }
 A2_SETTINGS = {"work_mem": "512MB", "maintenance_work_mem": "1GB"}
 WRITER_KEY_BASE = 2_000_000_000  # requirement_id of the concurrent writer's rows (never collide)
-ALL_CONTENDERS = ["A1", "A2", "B-sql-table", "B-sql-dump", "B-table", "B-dump", "B-online", "dupcheck"]
+ALL_CONTENDERS = ["A1", "A2", "B-sql-table", "B-sql-dump", "B-table", "B-dump", "B-online", "B-online-repack",
+                  "dupcheck"]
 # A1 last: at 1/10 it runs into --timeout.
 DEFAULT_CONTENDERS = "A2,B-sql-table,B-sql-dump,B-table,B-dump,dupcheck,A1"
 # What each contender's seconds cover (a column of the table).
@@ -74,6 +75,7 @@ MEASURES = {
     "B-sql-dump": "migration SQL as the role runs it (no ansible)",
     "B-table": "whole playbook incl. ansible overhead", "B-dump": "whole playbook incl. ansible overhead",
     "B-online": "whole playbook incl. ansible overhead",
+    "B-online-repack": "whole playbook incl. ansible overhead, pg_repack",
 }
 # roles/migrate/defaults/main.yml: what the role passes to pg_migrate_table and pg_unique_constraint.
 MIGRATE_DEFAULTS = {"lock_timeout": "5s", "retries": 5, "retry_delay": 1.0}
@@ -452,8 +454,8 @@ def write_vars(ctx: dict, db: str, workdir: Path, backup_mode: str, extra: dict 
 
 
 def contender_b(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) -> dict:
-    mode = {"B-table": "table", "B-dump": "dump", "B-online": "table"}[name]
-    extra = {"dedup_mode": "online"} if name == "B-online" else {}
+    mode = {"B-table": "table", "B-dump": "dump", "B-online": "table", "B-online-repack": "table"}[name]
+    extra = {"dedup_mode": "online"} if name.startswith("B-online") else {}
     out: dict = {"backup_mode": mode, "playbook": str(MIGRATE_PLAYBOOK.relative_to(REPO)), **extra}
     if not MIGRATE_PLAYBOOK.exists():
         out.update(rc=None, timed_out=False, missing=True, error=f"{out['playbook']} does not exist (yet)")
@@ -625,11 +627,22 @@ def contender_bsql(ctx: dict, name: str, db: str, workdir: Path, sampler: Sample
     return out
 
 
-PREPARE_FUNCS = {"B-sql-table": prepare_bsql, "B-sql-dump": prepare_bsql}
+def prepare_repack(ctx: dict, name: str, db: str, workdir: Path) -> dict:
+    """B-online-repack: the database gets the pg_repack extension (the client must be installed: bootstrap)."""
+    try:
+        ctx["cluster"].execute("CREATE EXTENSION IF NOT EXISTS pg_repack", db)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return {"error": f"CREATE EXTENSION pg_repack failed: {exc}"}
+    return {"extension": ctx["cluster"].scalar("SELECT extversion FROM pg_extension WHERE extname = 'pg_repack'",
+                                               db)}
+
+
+PREPARE_FUNCS = {"B-sql-table": prepare_bsql, "B-sql-dump": prepare_bsql, "B-online-repack": prepare_repack}
 
 
 CONTENDER_FUNCS = {"A1": contender_a, "A2": contender_a, "B-table": contender_b, "B-dump": contender_b,
-                   "B-online": contender_b, "B-sql-table": contender_bsql, "B-sql-dump": contender_bsql}
+                   "B-online": contender_b, "B-online-repack": contender_b, "B-sql-table": contender_bsql,
+                   "B-sql-dump": contender_bsql}
 
 
 def measure(ctx: dict, name: str, scale: float, src: str, spec: dict) -> dict:
