@@ -164,7 +164,7 @@ def show_waiting(conn, marker):
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute(marker + "SELECT 1")
+            cur.execute(sql.Composed([sql.SQL(marker), sql.SQL("SELECT 1")]))
     except Exception:  # noqa: BLE001 - only for progress display
         pass
     finally:

@@ -328,9 +328,10 @@ class Lab:
         th.join(timeout=10)
         return killed, "".join(lines)
 
-    def settle(self, timeout: float = 180) -> None:
-        """Wait until nothing a killed run left behind still works: no busy dedup-rollout session for 5 s in a
-        row (a module sleeping between lock retries is idle in between) and no ETL process of this lab."""
+    def settle(self, timeout: float = 180, quiet_seconds: float = 5) -> None:
+        """Wait until nothing a killed run left behind still works: no busy dedup-rollout session for
+        ``quiet_seconds`` in a row (a module sleeping between lock retries is idle in between: keep the default
+        when retries can happen) and no ETL process of this lab."""
         streak = {"n": 0}
 
         def quiet() -> bool:
@@ -341,7 +342,7 @@ class Lab:
             etl = subprocess.run(["pgrep", "-u", self.etl_user, "-f", "run_etl.py"],
                                  capture_output=True).returncode == 0
             streak["n"] = streak["n"] + 1 if not busy and not etl else 0
-            return streak["n"] >= 10
+            return streak["n"] >= quiet_seconds / 0.5
 
         wait_for(quiet, timeout=timeout, interval=0.5)
 

@@ -225,6 +225,48 @@ def test_etl_started_by_hand_during_offline_migration(lab):
     assert removed["task_requirements"] > 0
 
 
+@pytest.mark.slow
+def test_dump_mode_refuses_to_remove_rows_written_after_the_dump(lab):
+    """Backup mode dump, the run stopped mid-migration, the ETL run by hand: tables already done get new
+    duplicates that are not in the dump. The re-run refuses to remove them (they would be lost) and says
+    what to do; the rollback it names puts every row back."""
+    cron_before = lab.crontab()
+    original = snapshot(lab)
+    blocker = lab.conn(autocommit=False)
+    with blocker.cursor() as cur:  # hold task_photos so the run stops there, tables before it done
+        cur.execute("LOCK TABLE breezeway.task_photos IN ACCESS SHARE MODE")
+    try:
+        rc, out = finish(start_deploy(lab, dedup_backup_mode="dump", migrate_lock_timeout="1s",
+                                      migrate_retries=0))
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert rc != 0 and "PARTLY MIGRATED" in out, out[-4000:]
+    deploy_id = ledger_tables(lab)[0]["run_id"]
+    assert all(r["backup_table"] is None for r in ledger_tables(lab, deploy_id))
+    etl = lab.run_etl("nashville", "tasks")  # by hand, past the paused cron
+    assert etl.tables["task_requirements"]["affected"] > 0, etl.stdout
+    for t, rows in snapshot(lab).items():  # the ETL's rows count as original from now on
+        original[t] |= rows
+    before = {t: rows_of(lab, "breezeway", t) for t in lab.tables}
+    cron_paused = lab.crontab()
+
+    rc, out = finish(start_deploy(lab, dedup_backup_mode="dump"))
+    assert rc != 0
+    flat = " ".join(out.split())
+    assert "task_requirements" in flat and "duplicated again since" in flat, out[-4000:]
+    assert f"rollback.yml -e dedup_run_id={deploy_id}" in flat
+    assert {t: rows_of(lab, "breezeway", t) for t in lab.tables} == before, "nothing changed"
+    assert lab.crontab() == cron_paused
+
+    res = lab.playbook(REPO / "rollback.yml", "-e", f"dedup_run_id={deploy_id}")
+    assert res.rc == 0, res.output[-5000:]
+    for t in lab.tables:
+        assert original[t] <= rows_of(lab, "breezeway", t), f"{t}: the rollback did not put everything back"
+    assert lab.crontab() == cron_before, "the rollback resumed the ETL"
+    # Deploying again after the rollback is the ordinary path (test_rollback.py covers rollback, then redeploy).
+
+
 # --------------------------------------------------------------------------- disk full during the dump
 
 
