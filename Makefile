@@ -28,7 +28,7 @@ lint: bootstrap       ## ruff, yamllint, ansible-lint (production profile)
 	$(BIN)/ansible-lint --profile production
 
 pytest: bootstrap
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: lint pytest     ## the whole suite (what CI runs)
 

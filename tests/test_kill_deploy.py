@@ -61,6 +61,4 @@ def test_deploy_killed_at_each_step_then_finished(lab):
     res = lab.playbook(DEPLOY)
     assert res.rc == 0, res.output[-5000:]
     assert_final(lab, original, cron_before)
-    again = lab.playbook(DEPLOY)
-    assert again.rc == 0 and again.changed() == 0, again.output[-3000:]
     print(f"\nkilled at {len(reached)} steps in a row, then finished: {', '.join(reached)}")

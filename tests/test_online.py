@@ -431,11 +431,15 @@ def test_online_deploy_killed_then_backend_terminated_then_resumes(lab):
     assert sum(lab.duplicates().values()) > 0, "the kill landed before the end of the work"
 
     proc = lab.start_playbook("playbooks/deploy_dedup.yml", **slow)
-    pid = wait_for(lambda: (lab.query(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = "
-        "'dedup-rollout/pg_online_dedup' AND state <> 'idle'") or [[None]])[0][0], timeout=300, interval=0.2)
-    time.sleep(1.0)
-    assert lab.pg.scalar("SELECT pg_terminate_backend(%s)", params=(pid,)) is True
+
+    def terminate_online_backend() -> bool:
+        """Terminate the online module's backend while it works (each table has its own session: retry
+        when the one found has just ended)."""
+        rows = lab.query("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
+                         "application_name = 'dedup-rollout/pg_online_dedup' AND state <> 'idle'")
+        return bool(rows) and lab.pg.scalar("SELECT pg_terminate_backend(%s)", params=(rows[0][0],)) is True
+
+    wait_for(terminate_online_backend, timeout=300, interval=0.2)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0, out[-4000:]
     assert "Traceback" not in out and lab.password not in out
