@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import ansible.module_utils
+from ansible.module_utils import _internal as _ansible_internal
 from ansible.module_utils.testing import patch_module_args
 
 from harness import REPO, VENV_BIN, ansible_env
@@ -48,11 +49,18 @@ def run_module(name: str, args: dict, check: bool = False, diff: bool = False) -
     if diff:
         args["_ansible_diff"] = True
     buf = io.StringIO()
+    # In-process the module must behave as on a target: once anything of the controller has been imported in
+    # this process (another test file did), ansible-core 2.19 routes module.warn() to the controller's Display
+    # instead of the result's "warnings".
+    was_controller = getattr(_ansible_internal, "is_controller", False)
+    _ansible_internal.is_controller = False
     with patch_module_args(args), contextlib.redirect_stdout(buf):
         try:
             mod.main()
         except SystemExit:
             pass
+        finally:
+            _ansible_internal.is_controller = was_controller
     out = buf.getvalue().strip()
     try:
         return json.loads(out.splitlines()[-1] if out else "{}")

@@ -433,10 +433,13 @@ def test_online_deploy_killed_then_backend_terminated_then_resumes(lab):
     proc = lab.start_playbook("playbooks/deploy_dedup.yml", **slow)
 
     def terminate_online_backend() -> bool:
-        """Terminate the online module's backend while it works (each table has its own session: retry
-        when the one found has just ended)."""
+        """Terminate the online module's backend mid-table (busy, or idle in a pause between two batches; each
+        table has its own session: retry when the one found has just ended)."""
+        if proc.poll() is not None:
+            raise AssertionError("the re-run ended before its online module could be hit:\n"
+                                 + proc.communicate()[0][-5000:])
         rows = lab.query("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
-                         "application_name = 'dedup-rollout/pg_online_dedup' AND state <> 'idle'")
+                         "application_name = 'dedup-rollout/pg_online_dedup'")
         return bool(rows) and lab.pg.scalar("SELECT pg_terminate_backend(%s)", params=(rows[0][0],)) is True
 
     wait_for(terminate_online_backend, timeout=300, interval=0.2)
