@@ -98,19 +98,18 @@ seconds:
   type: float
 """
 
-import os
 import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
+    PlayWatch,
     connect,
     error_text,
     get_table,
     lock_holders,
     pg_common_argument_spec,
-    run_lock_alive,
 )
 from ansible.module_utils.dedup_plan import split_steps, step_marker
 
@@ -172,14 +171,14 @@ def show_waiting(conn, marker):
             conn.autocommit = False
 
 
-def play_alive(conn, run_id):
-    """Whether the play's run lock holder is still connected (True when that cannot be told)."""
+def play_gone(conn, watch):
+    """Whether the play that started us is gone (False when that cannot be told)."""
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            return run_lock_alive(cur, run_id)
+            return watch.gone(cur)
     except Exception:  # noqa: BLE001 - if we cannot tell, go on as before
-        return True
+        return False
     finally:
         if not conn.closed:
             conn.autocommit = False
@@ -211,7 +210,7 @@ def main():
                          msg="would deduplicate %s.%s in one transaction (%d steps)" % (p["schema"], p["table"],
                                                                                      len(steps)))
     conn = connect(module, autocommit=False)
-    parent = os.getppid()
+    watch = PlayWatch(p["run_lock_id"], every=0)
     attempts = 0
     last_error = None
     timings = ledger = None
@@ -246,7 +245,7 @@ def main():
                 last_error = error_text(exc, module)
                 show_waiting(conn, marker("retry_wait", 0))
                 time.sleep(p["retry_delay"])
-                if os.getppid() != parent or (p["run_lock_id"] and not play_alive(conn, p["run_lock_id"])):
+                if play_gone(conn, watch):
                     # The play that started us is gone (killed): do not go on changing the table behind the
                     # back of whoever looks next (a re-run or a rollback).
                     conn.close()

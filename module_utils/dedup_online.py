@@ -33,12 +33,12 @@ import time
 
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
+    PlayWatch,
     conn_params,
     find_equivalent_unique,
     fit_name,
     get_table,
     qualified,
-    run_lock_alive,
     server_version_num,
 )
 
@@ -84,19 +84,12 @@ class OnlineDedup:
         self.result = {"steps": [], "batches": 0, "rows_removed": 0, "lock_attempts": 0,
                        "longest_batch_seconds": 0.0, "longest_lock_seconds": 0.0, "vacuums": 0,
                        "repacked": False}
-        self.parent = os.getppid()
-        self._play_checked = 0.0
+        self.play = PlayWatch(self.p.get("run_lock_id"))
 
     def check_play(self, what):
-        """Stop (between two transactions) once the play that started this module is gone: its parent
-        process changed (local runs) or its pg_run_lock holder left (run_lock_id; checked at most every 2 s).
-        A killed play's module must not go on changing the table behind a re-run or a rollback."""
-        gone = os.getppid() != self.parent
-        run_lock_id = self.p.get("run_lock_id")
-        if not gone and run_lock_id and time.monotonic() - self._play_checked >= 2.0:
-            self._play_checked = time.monotonic()
-            with self.conn.cursor() as cur:
-                gone = not run_lock_alive(cur, run_lock_id)
+        """Stop (between two transactions) once the play that started this module is gone."""
+        with self.conn.cursor() as cur:
+            gone = self.play.gone(cur)
         if gone:
             raise DedupPgError(
                 "the play that started the online deduplication is gone (killed?); stopped before %s after %d "

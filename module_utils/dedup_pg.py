@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import re
+import time
 
 try:
     import psycopg2
@@ -63,6 +65,27 @@ def run_lock_alive(cur, run_id):
     cur.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE application_name = %s)",
                 (run_lock_app_name(run_id),))
     return bool(cur.fetchone()[0])
+
+
+class PlayWatch:
+    """Tells a long-running module that the play which started it is gone (killed): its parent process changed
+    (local runs) or the session of its pg_run_lock holder (``run_lock_id``) left, looked up at most every
+    ``every`` seconds. A killed play's module must not go on changing tables behind a re-run or a rollback."""
+
+    def __init__(self, run_lock_id, every=2.0):
+        self.parent = os.getppid()
+        self.run_lock_id = run_lock_id
+        self.every = every
+        self._checked = float("-inf")
+
+    def gone(self, cur):
+        """True once the play is gone; ``cur`` (autocommit or inside a transaction) runs the look-up."""
+        if os.getppid() != self.parent:
+            return True
+        if not self.run_lock_id or time.monotonic() - self._checked < self.every:
+            return False
+        self._checked = time.monotonic()
+        return not run_lock_alive(cur, self.run_lock_id)
 
 
 def pg_common_argument_spec():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 from psycopg2 import sql
-from test_deploy import LEDGER, ledger_tables, rows_of
+from test_deploy import LEDGER
+from test_faults import accounted
 from test_kill_deploy import check_crontab, check_release
 from test_rollback import ROLLBACK, assert_rolled_back, deploy, runs, snapshot, unique_constraints
 
@@ -25,16 +26,6 @@ ROLLBACK_STEPS = [
 ]
 
 
-def nothing_lost(lab, original: dict, deploy_id: str) -> None:
-    """Every original row is in its table or in the backup table the deploy recorded for it."""
-    backups = {r["table_name"]: r["backup_table"] for r in ledger_tables(lab, deploy_id) if r["backup_table"]}
-    for t in lab.tables:
-        rows = {r for r in original[t].values()}
-        now = rows_of(lab, lab.schema, t)
-        saved = rows_of(lab, LEDGER, backups[t]) if t in backups else set()
-        assert rows <= now | saved, f"{t}: {len(rows - now - saved)} original rows are nowhere"
-
-
 @pytest.mark.slow
 def test_rollback_killed_at_each_step_then_finished(lab):
     original = snapshot(lab)
@@ -47,7 +38,7 @@ def test_rollback_killed_at_each_step_then_finished(lab):
         assert killed, f"step {step}: the re-run ended before reaching it:\n{out[-5000:]}"
         assert lab.password not in out
         lab.settle(quiet_seconds=2)  # no lock retries in these runs
-        nothing_lost(lab, original, deploy_id)
+        accounted(lab, {t: set(rows.values()) for t, rows in original.items()}, deploy_id, disjoint=False)
         check_crontab(lab.crontab(), cron_before)
         check_release(lab)
         reached.append(step)

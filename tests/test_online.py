@@ -13,6 +13,7 @@ import time
 
 import psycopg2
 import pytest
+from test_faults import accounted
 
 from harness import wait_for
 from modkit import pg_args, run_module
@@ -395,21 +396,6 @@ def test_deploy_online_while_the_etl_and_an_inserter_write(lab):
     assert max(w.stalls) < 1.0
 
 
-def _accounted_online(lab, original: dict[str, set]) -> None:
-    """Every original row is in its table or in the backup table online mode recorded for it."""
-    backups = dict(lab.query("SELECT table_name, backup_table FROM dedup_rollout.table_runs "
-                             "WHERE backup_table IS NOT NULL")) if lab.query(
-        "SELECT to_regclass('dedup_rollout.table_runs') IS NOT NULL")[0][0] else {}
-    for t in lab.tables:
-        now = {r[0] for r in lab.query(psycopg2.sql.SQL("SELECT x::text FROM {} x").format(
-            psycopg2.sql.Identifier(lab.schema, t)))}
-        saved = set()
-        if t in backups and lab.query("SELECT to_regclass(%s) IS NOT NULL", (f'dedup_rollout."{backups[t]}"',))[0][0]:
-            saved = {r[0] for r in lab.query(psycopg2.sql.SQL("SELECT x::text FROM {} x").format(
-                psycopg2.sql.Identifier("dedup_rollout", backups[t])))}
-        assert original[t] <= now | saved, f"{t}: {len(original[t] - now - saved)} rows lost"
-
-
 @pytest.mark.slow
 def test_online_deploy_killed_then_backend_terminated_then_resumes(lab):
     """Faults in online mode: the play SIGKILLed mid-table, then the module's backend terminated mid-table;
@@ -427,7 +413,7 @@ def test_online_deploy_killed_then_backend_terminated_then_resumes(lab):
     assert killed, out[-4000:]
     lab.settle()
     assert lab.crontab() == cron_before, "online mode never pauses the ETL"
-    _accounted_online(lab, original)
+    accounted(lab, original, disjoint=False)
     assert sum(lab.duplicates().values()) > 0, "the kill landed before the end of the work"
 
     proc = lab.start_playbook("playbooks/deploy_dedup.yml", **slow)
@@ -448,7 +434,7 @@ def test_online_deploy_killed_then_backend_terminated_then_resumes(lab):
     assert "Traceback" not in out and lab.password not in out
     lab.settle()
     assert lab.crontab() == cron_before
-    _accounted_online(lab, original)
+    accounted(lab, original, disjoint=False)
 
     res = lab.playbook("playbooks/deploy_dedup.yml", "-e", "dedup_mode=online")
     assert res.rc == 0, res.output[-5000:]
@@ -456,7 +442,7 @@ def test_online_deploy_killed_then_backend_terminated_then_resumes(lab):
     after = _kept(lab)
     for t in lab.tables:
         assert after[t] == before[t], t
-    _accounted_online(lab, original)
+    accounted(lab, original, disjoint=False)
     assert lab.crontab() == cron_before
     again = lab.playbook("playbooks/deploy_dedup.yml", "-e", "dedup_mode=online")
     assert again.rc == 0 and again.changed() == 0, again.output[-3000:]
