@@ -271,6 +271,15 @@ def main():
             pass
         who = "; ".join("pid %s (%s, %s, %s held=%s): %s" % (h["pid"], h["user"], h["state"], h["mode"],
                                                              h["granted"], h["query"]) for h in holders)
+        if last_error and "older than this migration" in last_error:
+            module.fail_json(
+                msg="%s.%s was not migrated after %d attempts: other sessions kept a snapshot older than the "
+                    "migration (%s). A reader with such a snapshot (pg_dump, a REPEATABLE READ or SERIALIZABLE "
+                    "transaction, a logical replication table sync) would have seen the table empty after the "
+                    "TRUNCATE, so the migration was rolled back each time; nothing changed in this table. Let them "
+                    "finish and re-run (the run resumes here), or set preflight_strategy: delete (MVCC-safe, slower) "
+                    "for this database." % (p["schema"], p["table"], attempts, last_error),
+                attempts=attempts, blockers=holders)
         module.fail_json(
             msg="could not lock %s.%s after %d attempts (%s); nothing changed in this table. Sessions in the way: "
                 "%s. Stop them (or wait) and re-run: the run resumes here."

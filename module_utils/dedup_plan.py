@@ -46,6 +46,7 @@ STEP_TEXT = {
     "truncate": "truncating the table (new empty file, same OID)",
     "reload": "re-inserting the kept rows",
     "trigger_on": "re-enabling the table's triggers",
+    "snapshot_recheck": "checking again, just before the commit, that no older snapshot could see the table empty",
     "delete": "deleting the duplicates",
     "ledger": "recording the table in the ledger",
     "retry_wait": "waiting to retry after a lock timeout (no lock held)",
