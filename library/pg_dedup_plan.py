@@ -46,6 +46,29 @@ options:
     type: str
     default: replace
     choices: [replace, delete]
+  mode:
+    description:
+      - C(offline) (the migration template, with C(strategy)) or C(online) (batched DELETEs, no TRUNCATE); decides
+        which replication checks apply.
+    type: str
+    default: offline
+    choices: [offline, online]
+  check_neighbours:
+    description:
+      - Refuse, naming the object and the option that allows it, when something outside the tables would see the
+        migration wrongly - a publication that does not publish TRUNCATE, or any logical replication slot of the
+        database, with strategy C(replace); a subscription writing into a table with strategy C(replace); a
+        published table without a usable replica identity with strategy C(delete) or online mode; rewrite rules
+        on a table; a ledger schema or ledger table owned by another role than the connecting one.
+      - Preflight sets it; the facts (C(neighbours) per table, C(slots), C(ledger.owners)) are returned either way.
+    type: bool
+    default: false
+  allow_truncate_replication:
+    description:
+      - With C(check_neighbours), let strategy C(replace) run although publications, logical slots or subscriptions
+        see the table (a DBA who knows every downstream consumer handles TRUNCATE followed by the re-inserted rows).
+    type: bool
+    default: false
 notes:
   - Tables referenced by another table's foreign key, partitioned tables and tables in an inheritance
     tree are refused with a clear message (removing rows there would cascade or mix other tables in).
@@ -79,12 +102,18 @@ server:
   returned: always
   type: dict
 ledger:
-  description: exists, the resumed run's row (dump path, sha256, ...) and the finished table statuses.
+  description: exists, the resumed run's row (dump path, sha256, ...), the finished table statuses, owners (of the
+    schema and ledger tables, and the connecting role).
   returned: always
   type: dict
 tables:
-  description: Per table, the facts used by sql/migrate_table.sql.j2.
+  description: Per table, the facts used by sql/migrate_table.sql.j2, and neighbours (publications, subscriptions,
+    rules, replica identity).
   returned: always
+  type: list
+slots:
+  description: Logical replication slots of the database (name, plugin, active); null when they cannot be read.
+  returned: success
   type: list
 """
 
@@ -98,8 +127,14 @@ from ansible.module_utils.dedup_pg import (
     error_text,
     find_equivalent_unique,
     get_table,
+    ledger_owners,
+    logical_slots,
     pg_common_argument_spec,
+    replica_identity,
     server_version_num,
+    table_publications,
+    table_rules,
+    table_subscriptions,
     validate_identifier,
 )
 from ansible.module_utils.dedup_plan import backup_table_name
@@ -237,7 +272,98 @@ def _plan_table(module, cur, schema, spec, strategy, deploy_id, status):
         "lock_holders": blockers,
         "backup_table": backup_table_name(name, deploy_id),
         "ledger": status.get(name),
+        "neighbours": _neighbours(cur, schema, name, info["oid"]),
     }
+
+
+def _neighbours(cur, schema, name, oid):
+    """Who else sees this table's rows change: publications, subscriptions; and what would divert them: rules."""
+    subs, subs_unknown = table_subscriptions(cur, oid)
+    return {"publications": table_publications(cur, schema, name), "subscriptions": subs,
+            "subscriptions_unknown": subs_unknown, "rules": table_rules(cur, oid),
+            "replica_identity": replica_identity(cur, oid)}
+
+
+TRUNCATE_WAY_OUT = ("Use -e preflight_strategy=delete (the DELETE of the removed rows is replicated row by row), or, "
+                    "if you know every downstream copy handles this, -e preflight_allow_truncate_replication=true.")
+
+
+def _refusals(p, database, tables, slots, slots_unknown, owners):
+    """What preflight must refuse (each names the object and the option that allows it), and what it warns of."""
+    refuse, warn = [], []
+    truncates = p["mode"] == "offline" and p["strategy"] == "replace"
+    deletes = not truncates
+    for t in tables:
+        qname = "%s.%s" % (t["schema"], t["table"])
+        nb = t["neighbours"]
+        if truncates and not p["allow_truncate_replication"]:
+            for pub in nb["publications"]:
+                if not pub["truncate"]:
+                    what = ", ".join(k for k in ("insert", "update", "delete") if pub[k]) or "nothing"
+                    refuse.append(
+                        '%s is in publication "%s"%s, which publishes %s but not TRUNCATE: the strategy replace '
+                        "empties the table with TRUNCATE and re-inserts the kept rows, so its subscribers would keep "
+                        "every removed row and receive the kept rows a second time. %s"
+                        % (qname, pub["name"], " (FOR ALL TABLES)" if pub["all_tables"] else "", what,
+                           TRUNCATE_WAY_OUT))
+            for sub in nb["subscriptions"] or []:
+                refuse.append(
+                    '%s is written by subscription "%s" (state %s): its rows come from a publisher, and the strategy '
+                    "replace re-inserts them under new row versions the publisher knows nothing of. Deduplicate on "
+                    "the publisher (with preflight_strategy=delete there the DELETEs reach this copy), or %s"
+                    % (qname, sub["name"], sub["state"], TRUNCATE_WAY_OUT[0].lower() + TRUNCATE_WAY_OUT[1:]))
+        if nb["subscriptions_unknown"] and truncates and not p["allow_truncate_replication"]:
+            warn.append("could not read the subscriptions of %s (%s): check pg_subscription_rel yourself"
+                        % (qname, nb["subscriptions_unknown"]))
+        if deletes:
+            for sub in nb["subscriptions"] or []:
+                warn.append('%s is written by subscription "%s": the publisher still has the removed rows; a '
+                            "duplicate it sends later breaks the new UNIQUE constraint and stops that subscription. "
+                            "Deduplicate the publisher too." % (qname, sub["name"]))
+            publishers = [pub["name"] for pub in nb["publications"] if pub["delete"]]
+            if publishers and not nb["replica_identity"]["usable"]:
+                ri = nb["replica_identity"]
+                refuse.append(
+                    '%s is published with deletes by %s but has no usable replica identity (REPLICA IDENTITY %s%s): '
+                    'PostgreSQL itself would fail the DELETE (the table "does not have a replica identity and '
+                    'publishes deletes"). Run ALTER TABLE %s REPLICA IDENTITY FULL (or USING '
+                    "INDEX on a unique index of NOT NULL columns) first."
+                    % (qname, ", ".join('"%s"' % n for n in publishers), ri["mode"].upper(),
+                       "" if ri["has_primary_key"] else ", no primary key", qname))
+        rules = [r for r in nb["rules"] if r["enabled"] != "D"]
+        if rules:
+            refuse.append(
+                "%s has rewrite rules that would divert the migration's INSERT or DELETE: %s. Drop them, or disable "
+                "them for the run (ALTER TABLE %s DISABLE RULE <name>; ENABLE RULE afterwards), or leave the table "
+                "out of dedup_tables."
+                % (qname, "; ".join('"%s" (ON %s%s: %s)' % (r["name"], r["event"], " DO INSTEAD" if r["instead"]
+                                                            else "", r["definition"].strip()) for r in rules),
+                   qname))
+    if truncates and not p["allow_truncate_replication"] and slots:
+        refuse.append(
+            "database %s has logical replication slots %s: a logical decoding consumer (Debezium, a subscription, "
+            "pglogical, ...) receives the changes of the managed tables, and many skip TRUNCATE (Debezium does by "
+            "default), so with the strategy replace it would keep every removed row and receive the kept rows a "
+            "second time. %s" % (database, ", ".join(
+                '"%s" (plugin %s, %s)' % (s["name"], s["plugin"], "active pid %s" % s["active_pid"] if s["active"]
+                                          else "inactive") for s in slots), TRUNCATE_WAY_OUT))
+    if slots_unknown and truncates and not p["allow_truncate_replication"]:
+        warn.append("could not read pg_replication_slots (%s): check for logical slots yourself" % slots_unknown)
+    strangers = []
+    if owners["schema_owner"] is not None and owners["schema_owner"] != owners["current_user"]:
+        strangers.append('the schema "%s" is owned by role "%s"' % (p["backup_schema"], owners["schema_owner"]))
+    for rel, owner in sorted(owners["tables"].items()):
+        if owner != owners["current_user"]:
+            strangers.append('the table "%s"."%s" is owned by role "%s"' % (p["backup_schema"], rel, owner))
+    if strangers:
+        refuse.append(
+            "the ledger schema dedup_backup_schema=%s already exists and is not this tool's: %s, not by %s (the "
+            "connecting role, dedup_db_user). Rollback trusts its runs and table_runs, so it is not adopted. Drop "
+            "or rename it, set dedup_backup_schema to a schema that does not exist yet, or, if you trust its "
+            "contents, make %s its owner (ALTER SCHEMA/TABLE ... OWNER TO %s)."
+            % (p["backup_schema"], "; ".join(strangers), owners["current_user"], owners["current_user"],
+               owners["current_user"]))
+    return refuse, warn
 
 
 def main():
@@ -249,6 +375,9 @@ def main():
         run_id=dict(type="str", required=True),
         resume=dict(type="bool", default=True),
         strategy=dict(type="str", default="replace", choices=["replace", "delete"]),
+        mode=dict(type="str", default="offline", choices=["offline", "online"]),
+        check_neighbours=dict(type="bool", default=False),
+        allow_truncate_replication=dict(type="bool", default=False),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     p = module.params
@@ -269,14 +398,22 @@ def main():
             seen.add(spec.get("name"))
             tables.append(_plan_table(module, cur, p["schema"], spec, p["strategy"], deploy_id,
                                       ledger["table_status"]))
+        slots, slots_unknown = logical_slots(cur)
+        ledger["owners"] = ledger_owners(cur, p["backup_schema"])
+        refuse, warn = _refusals(p, server["database"], tables, slots, slots_unknown, ledger["owners"])
         conn.rollback()
         conn.close()
     except DedupPgError as exc:
         module.fail_json(msg=str(exc))
     except Exception as exc:  # noqa: BLE001 - report any driver error readably
         module.fail_json(msg="planning failed: %s" % error_text(exc, module), exception=traceback.format_exc())
+    if p["check_neighbours"]:
+        for w in warn:
+            module.warn(w)
+        if refuse:
+            module.fail_json(msg="Nothing was changed: " + " | ".join(refuse), refusals=refuse)
     module.exit_json(changed=False, deploy_id=deploy_id, resumed=resumed, server=server, ledger=ledger,
-                     tables=tables)
+                     tables=tables, slots=slots, slots_unknown=slots_unknown)
 
 
 if __name__ == "__main__":

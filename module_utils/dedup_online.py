@@ -288,6 +288,14 @@ class OnlineDedup:
         if self.backup is not None:
             stmts.append(sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {})").format(self.backup, self.tbl))
             stmts.append(sql.SQL("REVOKE ALL ON {} FROM PUBLIC").format(self.backup))
+            # Owner-only even when ALTER DEFAULT PRIVILEGES grants new tables to readers (as offline mode's
+            # dedup_acl block in sql/migrate_table.sql.j2): every grantee but the owner is revoked.
+            stmts.append(sql.SQL(
+                "DO $dedup_acl$ DECLARE g regrole; BEGIN "
+                "FOR g IN SELECT DISTINCT a.grantee::regrole FROM pg_catalog.pg_class c, "
+                "pg_catalog.aclexplode(c.relacl) a WHERE c.oid = {rel}::regclass AND a.grantee NOT IN (0, c.relowner) "
+                "LOOP EXECUTE format('REVOKE ALL ON %s FROM %s', {rel}::regclass, g); END LOOP; END $dedup_acl$"
+            ).format(rel=sql.Literal(self._text(self.backup))))
         stmts.append(sql.SQL(
             "INSERT INTO {ledger} (run_id, schema_name, table_name, natural_key, keep, order_by, status, strategy, "
             "backup_mode, backup_table, rows_removed, size_before, started_at) "

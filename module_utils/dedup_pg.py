@@ -464,3 +464,117 @@ def lock_holders(cur, table_oid):
          "xact_age": str(r[6]) if r[6] is not None else None}
         for r in cur.fetchall()
     ]
+
+
+# --------------------------------------------------------------------------- neighbours: who else sees the table
+
+
+def _optional(cur, query, params=None):
+    """Run a catalog query that may need privileges the role lacks: (rows, None) or (None, reason).
+
+    A savepoint keeps the caller's transaction usable after 'permission denied'."""
+    cur.execute("SAVEPOINT dedup_optional")
+    try:
+        cur.execute(query, params)
+        rows = cur.fetchall()
+    except psycopg2.Error as exc:
+        cur.execute("ROLLBACK TO SAVEPOINT dedup_optional")
+        return None, (getattr(exc, "pgerror", None) or str(exc)).strip()
+    cur.execute("RELEASE SAVEPOINT dedup_optional")
+    return rows, None
+
+
+def table_publications(cur, schema, table):
+    """Publications that publish the table (listed, by schema, or FOR ALL TABLES) and what each publishes."""
+    version = server_version_num(cur)
+    if version < 100000:
+        return []
+    truncate = sql.SQL("p.pubtruncate") if version >= 110000 else sql.SQL("false")
+    cur.execute(
+        sql.SQL(
+            "SELECT p.pubname, p.puballtables, p.pubinsert, p.pubupdate, p.pubdelete, {trunc} "
+            "FROM pg_catalog.pg_publication p WHERE p.puballtables OR EXISTS ("
+            "  SELECT 1 FROM pg_catalog.pg_publication_tables pt "
+            "  WHERE pt.pubname = p.pubname AND pt.schemaname = %s AND pt.tablename = %s) ORDER BY 1"
+        ).format(trunc=truncate),
+        (schema, table),
+    )
+    return [{"name": r[0], "all_tables": bool(r[1]), "insert": bool(r[2]), "update": bool(r[3]),
+             "delete": bool(r[4]), "truncate": bool(r[5])} for r in cur.fetchall()]
+
+
+def logical_slots(cur):
+    """Logical replication slots of the current database: (slots, None) or (None, why they cannot be read)."""
+    rows, why = _optional(
+        cur,
+        "SELECT slot_name::text, plugin::text, active, active_pid FROM pg_catalog.pg_replication_slots "
+        "WHERE slot_type = 'logical' AND database = current_database() ORDER BY 1",
+    )
+    if rows is None:
+        return None, why
+    return [{"name": r[0], "plugin": r[1], "active": bool(r[2]), "active_pid": r[3]} for r in rows], None
+
+
+def table_subscriptions(cur, table_oid):
+    """Subscriptions that write into the table: (list, None) or (None, why they cannot be read)."""
+    if server_version_num(cur) < 100000:
+        return [], None
+    rows, why = _optional(
+        cur,
+        "SELECT s.subname::text, sr.srsubstate::text FROM pg_catalog.pg_subscription_rel sr "
+        "JOIN pg_catalog.pg_subscription s ON s.oid = sr.srsubid WHERE sr.srrelid = %s ORDER BY 1",
+        (table_oid,),
+    )
+    if rows is None:
+        return None, why
+    return [{"name": r[0], "state": r[1]} for r in rows], None
+
+
+RULE_EVENTS = {"1": "SELECT", "2": "UPDATE", "3": "INSERT", "4": "DELETE"}
+
+
+def table_rules(cur, table_oid):
+    """Rewrite rules of the table other than a view's _RETURN, with their event, INSTEAD and enabled state."""
+    cur.execute(
+        "SELECT r.rulename::text, r.ev_type::text, r.is_instead, r.ev_enabled::text, "
+        "pg_catalog.pg_get_ruledef(r.oid) FROM pg_catalog.pg_rewrite r "
+        "WHERE r.ev_class = %s AND r.rulename <> '_RETURN' ORDER BY 1",
+        (table_oid,),
+    )
+    return [{"name": r[0], "event": RULE_EVENTS.get(r[1], r[1]), "instead": bool(r[2]), "enabled": r[3],
+             "definition": r[4]} for r in cur.fetchall()]
+
+
+def replica_identity(cur, table_oid):
+    """REPLICA IDENTITY of the table: mode (default|nothing|full|index) and whether a DELETE can be published."""
+    cur.execute(
+        "SELECT c.relreplident::text, "
+        "EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), "
+        "EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) "
+        "FROM pg_catalog.pg_class c WHERE c.oid = %s",
+        (table_oid,),
+    )
+    ident, has_pk, has_index = cur.fetchone()
+    mode = {"d": "default", "n": "nothing", "f": "full", "i": "index"}.get(ident, ident)
+    usable = mode == "full" or (mode == "default" and has_pk) or (mode == "index" and has_index)
+    return {"mode": mode, "has_primary_key": bool(has_pk), "usable": bool(usable)}
+
+
+LEDGER_TABLES = ("runs", "table_runs", "monitor_checks")
+
+
+def ledger_owners(cur, schema):
+    """Owner of the ledger schema and of its ledger tables (None when absent), and the connecting role."""
+    cur.execute(
+        "SELECT current_user::text, (SELECT pg_catalog.pg_get_userbyid(n.nspowner)::text "
+        "FROM pg_catalog.pg_namespace n WHERE n.nspname = %s)",
+        (schema,),
+    )
+    user, schema_owner = cur.fetchone()
+    cur.execute(
+        "SELECT c.relname::text, pg_catalog.pg_get_userbyid(c.relowner)::text FROM pg_catalog.pg_class c "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = ANY (%s) ORDER BY 1",
+        (schema, list(LEDGER_TABLES)),
+    )
+    return {"current_user": user, "schema_owner": schema_owner, "tables": dict(cur.fetchall())}
