@@ -122,7 +122,7 @@ tables:
       type: str
       returned: always
     id_fingerprint:
-      description: Same over the primary key of every row; null when the table has no primary key.
+      description: Same over the primary key of every row; over the whole row when the table has no primary key.
       type: str
       returned: always
     nulls: {description: Always C(not distinct)., type: str, returned: always}
@@ -174,8 +174,9 @@ def build_query(schema, table, key, compared, pk, samples):
     """
     keys = sql.SQL(", ").join(map(sql.Identifier, key))
     any_null = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(c)) for c in key)
+    # Without a primary key the kept rows are fingerprinted whole (as the migration records them).
     id_hash = (sql.SQL("hashtextextended(ROW({})::text, 0)").format(
-        sql.SQL(", ").join(map(sql.Identifier, pk))) if pk else sql.SQL("NULL::bigint"))
+        sql.SQL(", ").join(map(sql.Identifier, pk))) if pk else sql.SQL("hashtextextended(ROW(dedup_t.*)::text, 0)"))
     null_cols = sql.SQL(", ").join(
         sql.SQL("coalesce(sum(n) FILTER (WHERE {} IS NULL), 0)").format(sql.Identifier(c)) for c in key
     )
@@ -188,17 +189,17 @@ def build_query(schema, table, key, compared, pk, samples):
     return sql.SQL(
         "WITH g AS MATERIALIZED ("
         " SELECT {keys}, count(*) AS n, min(dedup_h) AS hmin, max(dedup_h) AS hmax, sum(dedup_i) AS idsum"
-        " FROM (SELECT {keys}, {h} AS dedup_h, {id_hash} AS dedup_i FROM {tbl}) dedup_r GROUP BY {keys}) "
+        " FROM (SELECT {keys}, {h} AS dedup_h, {id_hash} AS dedup_i FROM {tbl} dedup_t) dedup_r GROUP BY {keys}) "
         "SELECT coalesce(sum(n), 0), count(*), count(*) FILTER (WHERE n > 1), coalesce(max(n), 0), "
         "coalesce(sum(n) FILTER (WHERE {any_null}), 0), "
         "count(*) FILTER (WHERE hmin <> hmax), coalesce(sum(n) FILTER (WHERE hmin <> hmax), 0), "
         "coalesce(sum(hashtextextended(ROW({keys})::text, 0)::numeric), 0)::text, "
-        "CASE WHEN {has_pk} THEN coalesce(sum(idsum), 0)::text END, "
+        "coalesce(sum(idsum), 0)::text, "
         "{s_dup}, {s_div}, {s_null}, ARRAY[{null_cols}]::bigint[] "
         "FROM g"
     ).format(
         keys=keys, h=_row_hash(compared), id_hash=id_hash, tbl=qualified(schema, table), any_null=any_null,
-        has_pk=sql.Literal(bool(pk)), null_cols=null_cols,
+        null_cols=null_cols,
         s_dup=sample.format(kj=kj, cond=sql.SQL("n > 1"), lim=lim),
         s_div=sample.format(kj=kj, cond=sql.SQL("hmin <> hmax"), lim=lim),
         s_null=sample.format(kj=kj, cond=any_null, lim=lim),

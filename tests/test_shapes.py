@@ -1,0 +1,163 @@
+"""Any schema (issue 15): one table per shape the lab lacks, deployed and rolled back through the real playbooks.
+
+The shapes: junction tables without a primary key (composite natural key, ``keep: oldest`` and ``keep: newest``
+by a timestamp column), a generated column, an identity ``ALWAYS`` key, enum / array / citext / domain (with a
+collation) keys, ``jsonb`` payloads, wide rows stored out of line (TOAST), NULLs in the key. Each is poisoned the
+way the ETL bug poisons (every row inserted again), then ``deploy_dedup.yml`` runs on a database with no ETL host,
+and the test checks, per table: zero duplicates and a UNIQUE constraint on the key, the row asked for kept (the
+oldest / newest by ``order_by``; the data has no ties), nothing lost (the table's rows plus the backup table's
+rows are exactly the original rows, as a multiset of whole rows). Then ``rollback.yml`` runs and every table is
+exactly its poisoned state again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import psycopg2
+from psycopg2 import sql
+from test_bad_input import db_only_inventory
+
+from harness import REPO, run_playbook
+
+DEPLOY = REPO / "deploy_dedup.yml"
+ROLLBACK = REPO / "rollback.yml"
+LEDGER = "dedup_rollout"
+SCHEMA = "shapes"
+OWNER = "breezeway"  # the lab's non-superuser role (cluster-wide)
+
+SETUP = """
+CREATE TYPE shapes.mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN shapes.code AS text COLLATE "C" CHECK (VALUE ~ '^[A-Za-z]+$');
+"""
+
+# name -> (DDL body, INSERT of one clean copy, natural key, keep, order_by or None)
+SHAPES = {
+    "film_actor": (
+        "(actor_id int NOT NULL, film_id int NOT NULL, last_update timestamptz NOT NULL)",
+        "INSERT INTO shapes.film_actor SELECT a, f, timestamptz '2025-01-01' + (a * 10 + f) * interval '1 s' "
+        "+ {copy} * interval '1 day' FROM generate_series(1, 20) a, generate_series(1, 5) f",
+        ["actor_id", "film_id"], "oldest", "last_update"),
+    "film_category": (
+        "(film_id int NOT NULL, category_id int NOT NULL, last_update timestamptz NOT NULL, note text)",
+        "INSERT INTO shapes.film_category SELECT f, c, timestamptz '2025-01-01' + {copy} * interval '1 hour', "
+        "'copy ' || {copy} FROM generate_series(1, 30) f, generate_series(1, 3) c",
+        ["film_id", "category_id"], "newest", "last_update"),
+    "generated": (
+        "(id bigserial PRIMARY KEY, k int NOT NULL, qty int NOT NULL, "
+        "total int GENERATED ALWAYS AS (qty * 2) STORED)",
+        "INSERT INTO shapes.generated (k, qty) SELECT g, g * 3 FROM generate_series(1, 40) g",
+        ["k"], "oldest", None),
+    "identity_always": (
+        "(id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, k text NOT NULL, doc jsonb NOT NULL)",
+        "INSERT INTO shapes.identity_always (k, doc) SELECT 'key' || g, jsonb_build_object('n', g, 'tags', "
+        "jsonb_build_array('a', g)) FROM generate_series(1, 40) g",
+        ["k"], "oldest", None),
+    "typed_keys": (
+        "(id bigserial PRIMARY KEY, mood shapes.mood NOT NULL, tags text[] NOT NULL, email citext NOT NULL, "
+        "code shapes.code NOT NULL, payload jsonb)",
+        "INSERT INTO shapes.typed_keys (mood, tags, email, code, payload) "
+        "SELECT (ARRAY['sad','ok','happy']::shapes.mood[])[1 + g % 3], ARRAY['t' || (g % 4), 'x'], "
+        "CASE WHEN {copy} % 2 = 0 THEN 'User' || g || '@Example.com' ELSE 'user' || g || '@example.com' END, "
+        "'Code' || chr(65 + g % 26), jsonb_build_object('g', g) FROM generate_series(1, 30) g",
+        ["mood", "tags", "email", "code"], "oldest", None),
+    "wide": (
+        "(id bigserial PRIMARY KEY, k int NOT NULL, payload text NOT NULL)",
+        "INSERT INTO shapes.wide (k, payload) SELECT g, (SELECT string_agg(md5(g::text || ':' || i), '') "
+        "FROM generate_series(1, 250) i) FROM generate_series(1, 12) g",
+        ["k"], "newest", None),
+    "null_keys": (
+        "(id bigserial PRIMARY KEY, a int, b text, v text)",
+        "INSERT INTO shapes.null_keys (a, b, v) SELECT CASE WHEN g % 5 = 0 THEN NULL ELSE g END, "
+        "CASE WHEN g % 3 = 0 THEN NULL ELSE 'b' || g END, 'same' FROM generate_series(1, 30) g",
+        ["a", "b"], "oldest", None),
+}
+COPIES = 4
+
+
+def tables_var() -> list[dict]:
+    out = []
+    for name, (_ddl, _fill, key, keep, order_by) in SHAPES.items():
+        entry = {"name": name, "natural_key": key, "keep": keep}
+        if order_by:
+            entry["order_by"] = order_by
+        out.append(entry)
+    return out
+
+
+def rows(cur, schema: str, table: str) -> Counter:
+    cur.execute(sql.SQL("SELECT t::text FROM {} t").format(sql.Identifier(schema, table)))
+    return Counter(r[0] for r in cur.fetchall())
+
+
+def expected_kept(cur, name: str) -> Counter:
+    _ddl, _fill, key, keep, order_by = SHAPES[name]
+    order = sql.Identifier(order_by or "id")
+    keys = sql.SQL(", ").join(map(sql.Identifier, key))
+    cur.execute(sql.SQL("SELECT DISTINCT ON ({k}) t::text FROM {t} t ORDER BY {k}, {o} {d}").format(
+        k=keys, t=sql.Identifier(SCHEMA, name), o=order, d=sql.SQL("ASC" if keep == "oldest" else "DESC")))
+    return Counter(r[0] for r in cur.fetchall())
+
+
+def test_every_shape_deploys_keeps_the_asked_row_loses_nothing_and_rolls_back_exactly(pg, fresh_db, lab_template,
+                                                                                     tmp_path):
+    admin = pg.connect(fresh_db)
+    with admin.cursor() as cur:
+        cur.execute("CREATE EXTENSION citext")
+        cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(fresh_db),
+                                                                        sql.Identifier(OWNER)))
+        cur.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(SCHEMA),
+                                                                         sql.Identifier(OWNER)))
+    admin.close()
+    c = psycopg2.connect(**pg.dsn(fresh_db, user=OWNER, password=lab_template.password))
+    c.autocommit = True
+    original, kept = {}, {}
+    with c.cursor() as cur:
+        cur.execute(SETUP)
+        for name, (ddl, fill, _key, _keep, _order_by) in SHAPES.items():
+            cur.execute(f"CREATE TABLE shapes.{name} {ddl}")
+            for copy in range(COPIES):  # the bug: every ETL run inserts every row again
+                cur.execute(fill.format(copy=copy))
+            cur.execute(f"ANALYZE shapes.{name}")
+            original[name] = rows(cur, SCHEMA, name)
+            kept[name] = expected_kept(cur, name)
+            assert sum(original[name].values()) > sum(kept[name].values()), name
+        cur.execute("SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE oid = 'shapes.wide'::regclass")
+        assert cur.fetchone()[0] > 0, "the wide rows are not stored out of line"
+    inv = db_only_inventory(tmp_path / "shapes", port=pg.port, dbname=fresh_db, user=OWNER,
+                            password=lab_template.password, root=tmp_path,
+                            extra={"dedup_schema": SCHEMA, "dedup_tables": tables_var(),
+                                   # the timestamps and notes differ between copies: not compared
+                                   "dedup_ignore_columns": ["id", "created_at", "updated_at", "last_update",
+                                                            "note"]})
+
+    res = run_playbook(DEPLOY, inventory=inv)
+    assert res.rc == 0, res.output[-6000:]
+    with c.cursor() as cur:
+        cur.execute(f"SELECT table_name, backup_table FROM {LEDGER}.table_runs")
+        backups = dict(cur.fetchall())
+        for name, (_ddl, _fill, key, _keep, _order_by) in SHAPES.items():
+            now = rows(cur, SCHEMA, name)
+            assert now == kept[name], f"{name}: not the asked-for row per key"
+            saved = rows(cur, LEDGER, backups[name])
+            assert now + saved == original[name], f"{name}: rows lost or changed"
+            keys = sql.SQL(", ").join(map(sql.Identifier, key))
+            cur.execute(sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} GROUP BY {} HAVING count(*) > 1) d").format(
+                sql.Identifier(SCHEMA, name), keys))
+            assert cur.fetchone()[0] == 0, f"{name}: duplicates left"
+            cur.execute("SELECT count(*) FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'u'",
+                        (f"shapes.{name}",))
+            assert cur.fetchone()[0] == 1, f"{name}: no UNIQUE constraint"
+
+    again = run_playbook(DEPLOY, inventory=inv)
+    assert again.rc == 0 and again.changed() == 0, again.output[-4000:]
+
+    res = run_playbook(ROLLBACK, inventory=inv)
+    assert res.rc == 0, res.output[-6000:]
+    with c.cursor() as cur:
+        for name in SHAPES:
+            assert rows(cur, SCHEMA, name) == original[name], f"{name}: not its poisoned state after rollback"
+            cur.execute("SELECT count(*) FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'u'",
+                        (f"shapes.{name}",))
+            assert cur.fetchone()[0] == 0, f"{name}: the constraint is still there after rollback"
+    c.close()
