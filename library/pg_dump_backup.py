@@ -85,6 +85,13 @@ options:
     type: list
     elements: str
     default: []
+  run_lock_id:
+    description:
+      - Run id of the play's pg_run_lock. While pg_dump and pg_restore run, the module checks every couple of
+        seconds that the lock's holder session is still there (and its own parent process); once the play is gone
+        it kills them, removes the partial output and fails. Empty = only the parent process is watched.
+    type: str
+    default: ""
 notes:
   - Needs psycopg2, pg_dump and pg_restore on the target. On Linux pg_dump and pg_restore die with the module.
 """
@@ -183,6 +190,7 @@ from ansible.module_utils.dedup_dump import (
 )
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
+    PlayWatch,
     connect,
     error_text,
     pg_common_argument_spec,
@@ -196,7 +204,7 @@ class DumpBackup:
         self.p = module.params
         self.final = os.path.abspath(self.p["path"])
 
-    def counters(self, tables):
+    def counters(self, tables, keep_open=False):
         conn = connect(self.module, autocommit=True, readonly=True, application_name="pg_dump_backup")
         try:
             cur = conn.cursor()
@@ -204,12 +212,13 @@ class DumpBackup:
             cur.execute("SELECT pg_catalog.pg_database_size(current_database())")
             size = cur.fetchone()[0]
         finally:
-            conn.close()
-        return writes, reset, size
+            if not keep_open:
+                conn.close()
+        return writes, reset, size, conn
 
     def check(self):
         p = self.p
-        writes, reset, _size = self.counters(p["compare_tables"])
+        writes, reset, _size, _conn = self.counters(p["compare_tables"])
         out = {"changed": False, "path": self.final, "format": p["format"], "exists": os.path.exists(self.final),
                "table_writes": writes, "stats_reset": reset,
                "stale": stale_tables(p["table_writes"], p["stats_reset"], writes, reset)}
@@ -226,10 +235,22 @@ class DumpBackup:
         stamp = utc_stamp()
         leftovers = partials(self.final)
         exists = os.path.lexists(self.final)
-        writes, reset, size = self.counters(p["tables"])
+        # Read before pg_dump's snapshot: a write in between counts as "since the dump" (a needless new dump on
+        # resume), never the other way round. The connection stays open, idle, to watch the play.
+        writes, reset, size, conn = self.counters(p["tables"], keep_open=True)
+        watch = PlayWatch(p["run_lock_id"], every=2.0)
+        cur = conn.cursor()
+
+        def gone():
+            try:
+                return watch.gone(cur)
+            except Exception:  # noqa: BLE001 - a lost watch connection means nothing about the play
+                return os.getppid() != watch.parent
+
         out = {"path": self.final, "format": p["format"], "removed_partials": leftovers, "set_aside": None,
                "table_writes": writes, "stats_reset": reset}
         if module.check_mode:
+            conn.close()
             parts = ["would dump database %s (%d bytes, without schema %s) to %s (%s format), read it back whole "
                      "and check the data of %s" % (p["login_db"] or "(PGDATABASE)", size, p["exclude_schema"],
                                                    self.final, p["format"], ", ".join(p["tables"]) or "no table")]
@@ -256,16 +277,18 @@ class DumpBackup:
         if p["format"] == "directory":
             argv.append("--jobs=%d" % p["jobs"])
         try:
-            res = run(argv, env=child_env(p))
+            res = run(argv, env=child_env(p), gone=gone)
             if res.returncode != 0:
                 what = "pg_dump of %s into %s" % (p["login_db"] or "(PGDATABASE)", tmp)
                 raise DedupPgError(describe_failure(what, res.stderr, p["login_password"]))
-            entries = verify(p["pg_restore"], tmp, p["schema"], p["tables"])
+            entries = verify(p["pg_restore"], tmp, p["schema"], p["tables"], gone=gone)
             seal(tmp)
             publish(tmp, self.final)
         except BaseException:
             remove(tmp)
             raise
+        finally:
+            conn.close()
         out["bytes"], out["sha256"] = measure(self.final)
         out["verified_entries"] = entries
         out["argv"] = argv
@@ -290,6 +313,7 @@ def main():
         table_writes=dict(type="dict"),
         stats_reset=dict(type="str"),
         compare_tables=dict(type="list", elements="str", default=[]),
+        run_lock_id=dict(type="str", default=""),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     p = module.params

@@ -72,16 +72,33 @@ def connection_args(params: dict) -> list[str]:
     return args
 
 
-def run(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a child that dies with this process; a missing executable is a DedupPgError naming it."""
+def run(argv: list[str], env: dict | None = None, gone=None, every: float = 1.0) -> subprocess.CompletedProcess:
+    """Run a child that dies with this process; a missing executable is a DedupPgError naming it.
+
+    ``gone()`` is asked every ``every`` seconds while the child runs: once it says the play that started the
+    module is gone (killed play, dropped connection), the child is killed and a DedupPgError raised."""
     try:
-        return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              errors="replace", preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=_die_with_parent)
     except FileNotFoundError as exc:
         raise DedupPgError("%s: executable not found (install the PostgreSQL client tools or set its path)"
                            % argv[0]) from exc
     except PermissionError as exc:
         raise DedupPgError("%s: permission denied running it: %s" % (argv[0], exc)) from exc
+    while True:
+        try:
+            out, err = proc.communicate(timeout=every if gone is not None else None)
+            return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            if gone():
+                proc.kill()
+                proc.communicate()
+                name = os.path.basename(argv[0])
+                raise DedupPgError("the play that started %s is gone (killed or disconnected): stopped it; the "
+                                   "partial output is removed and nothing is recorded" % name) from None
+        except BaseException:
+            proc.kill()
+            raise
 
 
 def describe_failure(what: str, stderr: str, secret: str | None = None) -> str:
@@ -195,9 +212,9 @@ def publish(tmp: str, final: str) -> None:
 # --------------------------------------------------------------------------- verification
 
 
-def verify(pg_restore: str, path: str, schema: str, tables: list[str]) -> int:
+def verify(pg_restore: str, path: str, schema: str, tables: list[str], gone=None) -> int:
     """Read the whole archive and check its table of contents; return the number of TOC entries."""
-    listing = run([pg_restore, "--list", path])
+    listing = run([pg_restore, "--list", path], gone=gone)
     if listing.returncode != 0:
         raise DedupPgError(describe_failure("pg_restore --list %s" % path, listing.stderr))
     entries = [line for line in listing.stdout.splitlines() if line.strip() and not line.startswith(";")]
@@ -205,7 +222,7 @@ def verify(pg_restore: str, path: str, schema: str, tables: list[str]) -> int:
     if missing:
         raise DedupPgError("the dump has no data for %s (TABLE DATA missing from its table of contents): it "
                            "cannot be trusted" % ", ".join("%s.%s" % (schema, t) for t in missing))
-    whole = run([pg_restore, "--file=/dev/null", path])
+    whole = run([pg_restore, "--file=/dev/null", path], gone=gone)
     if whole.returncode != 0:
         raise DedupPgError(describe_failure("reading the whole dump back (pg_restore --file=/dev/null %s)" % path,
                                             whole.stderr))
