@@ -70,8 +70,11 @@ options:
     type: bool
     default: false
 notes:
-  - Tables referenced by another table's foreign key, partitioned tables and tables in an inheritance
-    tree are refused with a clear message (removing rows there would cascade or mix other tables in).
+  - Tables referenced by another table's foreign key and tables in an inheritance tree are refused with a clear
+    message (removing rows there would cascade or mix other tables in).
+  - A partitioned table is planned as one table (its partitions are deduplicated together, the constraint goes
+    on it) when its natural key contains every partition key column; otherwise, or when it is partitioned by an
+    expression, or when a single partition is listed, it is refused naming what would be needed.
 """
 
 EXAMPLES = r"""
@@ -136,6 +139,9 @@ from ansible.module_utils.dedup_pg import (
     table_rules,
     table_subscriptions,
     validate_identifier,
+)
+from ansible.module_utils.dedup_pg import (
+    total_size as total_size_of,
 )
 from ansible.module_utils.dedup_plan import backup_table_name
 
@@ -205,15 +211,45 @@ def _server(cur):
     }
 
 
+def _check_partitioning(module, info, schema, name, key):
+    """A partition alone, or a partitioned table whose key cannot carry a UNIQUE constraint: refuse, saying why."""
+    if info["is_partition"]:
+        parents = ", ".join(info["inherits_from"])
+        module.fail_json(msg='table "%s"."%s" is a partition of %s: list the partitioned table %s in dedup_tables '
+                             'instead (each of its partitions is deduplicated, the UNIQUE constraint goes on it)'
+                             % (schema, name, parents, parents))
+    if not info["partitioned"]:
+        return
+    if info["partition_key_expression"]:
+        module.fail_json(msg='table "%s"."%s" is partitioned by an expression: PostgreSQL cannot put a UNIQUE '
+                             'constraint on it (a unique key of a partitioned table must contain every partition '
+                             'key column, as a plain column). Not supported: deduplicate it by hand per partition, '
+                             'or repartition by columns of the natural key.' % (schema, name))
+    missing = [c for c in info["partition_key"] if c not in key]
+    if missing:
+        module.fail_json(
+            msg='table "%s"."%s" is partitioned by (%s), and the natural key (%s) does not contain %s. PostgreSQL '
+                'only allows a UNIQUE constraint on a partitioned table when it contains every partition key '
+                'column, so this key cannot be constrained on the table. If equal keys only ever repeat within one '
+                'partition (the partition column is a property of the entity, e.g. its creation date), add %s to '
+                'natural_key; otherwise keeping the key unique across partitions needs something PostgreSQL does '
+                'not have (a global unique index): leave the table out, or repartition it.'
+                % (schema, name, ", ".join(info["partition_key"]), ", ".join(key), ", ".join(missing),
+                   ", ".join(missing)))
+
+
 def _plan_table(module, cur, schema, spec, strategy, deploy_id, status):
     name = spec.get("name")
-    info = get_table(cur, schema, name, module, refuse_partitioned=True, refuse_inheritance=True)
+    info = get_table(cur, schema, name, module, refuse_inheritance=True)
     key = check_columns(info, spec.get("natural_key") or [], module, "natural-key column")
+    _check_partitioning(module, info, schema, name, key)
     keep = spec.get("keep") or "oldest"
     if keep not in ("oldest", "newest"):
         module.fail_json(msg='table "%s": keep must be oldest or newest, not %r' % (name, keep))
     pk = info["primary_key"]
-    order_by = spec.get("order_by") or (pk[0] if len(pk) == 1 else None)
+    # A partitioned table's primary key holds the partition key too: its other column is the row's age.
+    own = [c for c in pk if c not in info["partition_key"]]
+    order_by = spec.get("order_by") or (pk[0] if len(pk) == 1 else own[0] if len(own) == 1 else None)
     if order_by is None:
         module.fail_json(msg='table "%s"."%s" has no single-column primary key: set order_by for it in dedup_tables '
                              '(the column that decides which row is the oldest)' % (schema, name))
@@ -230,6 +266,12 @@ def _plan_table(module, cur, schema, spec, strategy, deploy_id, status):
         (info["oid"], info["oid"], info["oid"], info["oid"]),
     )
     total_size, heap_size, estimate, has_privs, is_owner = cur.fetchone()
+    if info["partitioned"]:  # the parent stores nothing: its partitions do
+        cur.execute("SELECT coalesce(sum(pg_relation_size(t.relid)), 0)::bigint, "
+                    "coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM pg_partition_tree(%s) t "
+                    "JOIN pg_class c ON c.oid = t.relid WHERE t.isleaf", (info["oid"],))
+        heap_size, estimate = cur.fetchone()
+        total_size = total_size_of(cur, info["oid"])
     missing = []
     for priv in ("SELECT", "INSERT", "DELETE", "TRUNCATE"):
         cur.execute("SELECT has_table_privilege(%s, %s)", (info["oid"], priv))
@@ -258,6 +300,8 @@ def _plan_table(module, cur, schema, spec, strategy, deploy_id, status):
         "pk": pk,
         "rowid": pk if pk else ["ctid"],
         "hashagg": len(pk) == 1 and order_by == pk[0],
+        "partitioned": info["partitioned"],
+        "partitions": info["partitions"],
         "insert_columns": insert_columns,
         "identity_always": any(c["identity"] == "a" for c in info["columns"]),
         "triggers": [t for t in info["triggers"] if t["enabled"] in ("O", "A", "R")],

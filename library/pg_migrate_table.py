@@ -110,6 +110,7 @@ from ansible.module_utils.dedup_pg import (
     get_table,
     lock_holders,
     pg_common_argument_spec,
+    total_size,
 )
 from ansible.module_utils.dedup_plan import split_steps, step_marker
 
@@ -320,9 +321,8 @@ def main():
         else:
             cur.execute(sql.SQL("ANALYZE {}").format(target))
             timings.append({"step": "analyze", "seconds": round(time.monotonic() - t0, 3), "rows": -1})
-        cur.execute("SELECT pg_total_relation_size(%s::regclass)",
-                    (sql.Identifier(p["schema"], p["table"]).as_string(conn),))
-        size_after = cur.fetchone()[0]
+        cur.execute("SELECT %s::regclass::oid", (sql.Identifier(p["schema"], p["table"]).as_string(conn),))
+        size_after = total_size(cur, cur.fetchone()[0])
     conn.close()
     module.exit_json(changed=True, ledger=ledger, steps=timings, attempts=attempts, size_after=size_after,
                      seconds=round(time.monotonic() - started, 3))

@@ -387,12 +387,14 @@ class Restorer:
             insert_cols = [c["name"] for c in info["columns"] if not c["generated"] and c["name"] in cols]
             col_ids = sql.SQL(", ").join(sql.Identifier(c) for c in insert_cols)
             pk = info["primary_key"]
+            only = sql.SQL("" if info["partitioned"] else "ONLY ")  # a partitioned table: through its parent
             if not check:
-                self.q(sql.SQL("LOCK TABLE ONLY {} IN SHARE ROW EXCLUSIVE MODE").format(target))
+                self.q(sql.SQL("LOCK TABLE {}{} IN SHARE ROW EXCLUSIVE MODE").format(only, target))
             if pk:
                 match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(c)) for c in pk)
-                missing = sql.SQL("FROM {rel} s WHERE NOT EXISTS (SELECT 1 FROM ONLY {target} t WHERE {match})").format(
-                    rel=rel, target=target, match=match)
+                missing = sql.SQL(
+                    "FROM {rel} s WHERE NOT EXISTS (SELECT 1 FROM {only}{target} t WHERE {match})").format(
+                    rel=rel, only=only, target=target, match=match)
                 order = sql.SQL(" ORDER BY {}").format(sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c))
                                                                            for c in pk))
             else:
@@ -406,7 +408,8 @@ class Restorer:
             if todo and not check:
                 triggers = [t for t in info["triggers"] if t["enabled"] in ("O", "A", "R")]
                 for t in triggers:
-                    self.q(sql.SQL("ALTER TABLE ONLY {} DISABLE TRIGGER {}").format(target, sql.Identifier(t["name"])))
+                    self.q(sql.SQL("ALTER TABLE {}{} DISABLE TRIGGER {}").format(only, target,
+                                                                                  sql.Identifier(t["name"])))
                 overriding = sql.SQL(" OVERRIDING SYSTEM VALUE") if any(
                     c["identity"] == "a" and c["name"] in insert_cols for c in info["columns"]) else sql.SQL("")
                 self.q(sql.SQL("INSERT INTO {target} ({cols}){ov} SELECT {scols} ").format(
@@ -416,8 +419,8 @@ class Restorer:
                 todo = cur.rowcount
                 for t in triggers:
                     mode = {"O": "", "A": "ALWAYS ", "R": "REPLICA "}[t["enabled"]]
-                    self.q(sql.SQL("ALTER TABLE ONLY {} ENABLE {}TRIGGER {}").format(
-                        target, sql.SQL(mode), sql.Identifier(t["name"])))
+                    self.q(sql.SQL("ALTER TABLE {}{} ENABLE {}TRIGGER {}").format(
+                        only, target, sql.SQL(mode), sql.Identifier(t["name"])))
             out["restored"] = todo
             if source == "dump" and not check:
                 self.q(sql.SQL("DROP TABLE {}").format(rel))

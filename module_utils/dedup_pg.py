@@ -339,6 +339,23 @@ def get_table(cur, schema, table, module=None, refuse_partitioned=False, refuse_
     parents = [r[0] for r in cur.fetchall()]
     cur.execute("SELECT inhrelid::regclass::text FROM pg_catalog.pg_inherits WHERE inhparent = %s ORDER BY 1", (oid,))
     children = [r[0] for r in cur.fetchall()]
+    partition_key, partition_expr, leaves = [], False, []
+    if relkind == "p":
+        # Every partitioned level's key (a sub-partitioned partition adds its own), by column name; 0 = expression.
+        cur.execute(
+            "SELECT DISTINCT a.attname FROM pg_catalog.pg_partition_tree(%s) t "
+            "JOIN pg_catalog.pg_partitioned_table pt ON pt.partrelid = t.relid "
+            "CROSS JOIN LATERAL unnest(pt.partattrs::int2[]) k(attnum) "
+            "LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = pt.partrelid AND a.attnum = k.attnum "
+            "ORDER BY 1",
+            (oid,),
+        )
+        names = [r[0] for r in cur.fetchall()]
+        partition_expr = any(n is None for n in names)
+        partition_key = [n for n in names if n is not None]
+        cur.execute("SELECT relid::regclass::text FROM pg_catalog.pg_partition_tree(%s) WHERE isleaf ORDER BY 1",
+                    (oid,))
+        leaves = [r[0] for r in cur.fetchall()]
     info = {
         "schema": schema,
         "table": table,
@@ -354,12 +371,15 @@ def get_table(cur, schema, table, module=None, refuse_partitioned=False, refuse_
         "primary_key_name": pk_rows[0][0] if pk_rows else None,
         "referenced_by": referencing,
         "triggers": triggers,
+        "partition_key": partition_key,
+        "partition_key_expression": bool(partition_expr),
+        "partitions": leaves,
     }
     if refuse_partitioned and (info["partitioned"] or info["is_partition"]):
         what = "a partitioned table" if info["partitioned"] else "a partition of {}".format(", ".join(parents))
         return _fail(module, f'"{schema}"."{table}" is {what}: not supported here; '
                              "handle each partition/the parent explicitly")
-    if refuse_inheritance and not info["is_partition"] and (parents or children):
+    if refuse_inheritance and not info["is_partition"] and not info["partitioned"] and (parents or children):
         return _fail(module, f'"{schema}"."{table}" takes part in table inheritance (parents: '
                              f"{_truncated_list(parents)}; children: {_truncated_list(children)}): rows of "
                              "other tables would be mixed in; not supported here")
@@ -578,3 +598,14 @@ def ledger_owners(cur, schema):
         (schema, list(LEDGER_TABLES)),
     )
     return {"current_user": user, "schema_owner": schema_owner, "tables": dict(cur.fetchall())}
+
+
+def total_size(cur, oid):
+    """pg_total_relation_size of a table, or of all its partitions when it is partitioned (the parent has none)."""
+    cur.execute(
+        "SELECT CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(pg_catalog.pg_total_relation_size(t.relid)), 0) "
+        "FROM pg_catalog.pg_partition_tree(c.oid) t) ELSE pg_catalog.pg_total_relation_size(c.oid) END::bigint "
+        "FROM pg_catalog.pg_class c WHERE c.oid = %s",
+        (oid,),
+    )
+    return cur.fetchone()[0]
