@@ -101,7 +101,10 @@ resumed:
   returned: always
   type: bool
 server:
-  description: version_num, in_recovery, is_superuser, database_size, data_directory (when readable), current_user.
+  description:
+    - version_num, in_recovery, is_superuser, database_size, data_directory (when readable), current_user.
+    - dump_unreadable, the relations pg_dump would fail on (the connecting role lacks SELECT; every schema but
+      the system ones and C(backup_schema)), as C(count) and C(relations) (the first 20, "schema.name (kind)").
   returned: always
   type: dict
 ledger:
@@ -139,6 +142,9 @@ from ansible.module_utils.dedup_pg import (
     table_rules,
     table_subscriptions,
     validate_identifier,
+)
+from ansible.module_utils.dedup_pg import (
+    dump_unreadable as dump_unreadable_of,
 )
 from ansible.module_utils.dedup_pg import (
     total_size as total_size_of,
@@ -433,6 +439,7 @@ def main():
         conn = connect(module, autocommit=False, readonly=True)
         cur = conn.cursor()
         server = _server(cur)
+        server["dump_unreadable"] = dump_unreadable_of(cur, p["backup_schema"])
         ledger, deploy_id, resumed = _ledger(cur, p["backup_schema"], p["run_id"], p["resume"])
         seen = set()
         tables = []

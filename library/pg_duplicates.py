@@ -117,6 +117,22 @@ tables:
       returned: always
     sample_divergent_keys: {description: Up to C(samples) divergent keys., type: list, returned: always}
     sample_null_keys: {description: Up to C(samples) keys with a NULL column., type: list, returned: always}
+    divergent_columns:
+      description:
+        - The compared columns whose values actually differ within at least one of the C(sample_divergent_keys)
+          (NULL counts as a value), in table order. Empty when there is no divergent key (or C(samples=0)).
+        - Read by one extra query per table with divergent keys, restricted to the sample keys.
+      type: list
+      elements: str
+      returned: always
+    divergent_sample:
+      description:
+        - One entry per sample divergent key, C(key) (column -> value as text) and C(values) (for each column
+          that differs within that key, up to 3 of its distinct values as text, NULL as null; a value longer
+          than 60 characters is cut to 50 and followed by C(... (md5 xxxxxxxx))).
+      type: list
+      elements: dict
+      returned: always
     key_fingerprint:
       description: Order-independent fingerprint of the set of distinct keys (a number as a string).
       type: str
@@ -206,6 +222,66 @@ def build_query(schema, table, key, compared, pk, samples):
     )
 
 
+SAMPLE_VALUES = 3
+VALUE_CHARS = 60
+
+
+def _shown_value(column):
+    """A column's text for a sample, cut when long: distinct long values stay distinct (md5 of the whole text)."""
+    txt = sql.SQL("{}::text").format(sql.Identifier(column))
+    return sql.SQL(
+        "CASE WHEN length({t}) > {n} THEN left({t}, {k}) || '... (md5 ' || left(md5({t}), 8) || ')' ELSE {t} END"
+    ).format(t=txt, n=sql.Literal(VALUE_CHARS), k=sql.Literal(VALUE_CHARS - 10))
+
+
+def build_divergent_query(schema, table, key, compared, sample_keys):
+    """For the sample divergent keys only: per key, which compared columns differ and some of their values.
+
+    The keys are compared as literals (untyped, so they take the column's type: an index on the key serves),
+    a NULL key column as IS NULL. A column differs when it has more than one distinct text, NULL counting
+    as one value of its own.
+    """
+    def match(k):
+        return sql.SQL("({})").format(sql.SQL(" AND ").join(
+            sql.SQL("{} IS NULL").format(sql.Identifier(c)) if k.get(c) is None
+            else sql.SQL("{} = {}").format(sql.Identifier(c), sql.Literal(str(k[c]))) for c in key))
+
+    differs = sql.SQL(", ").join(
+        sql.SQL("count(DISTINCT {c}::text) + max(CASE WHEN {c} IS NULL THEN 1 ELSE 0 END) > 1").format(
+            c=sql.Identifier(c)) for c in compared)
+    values = sql.SQL(", ").join(
+        sql.SQL("(array_agg(DISTINCT {v}))[1:{n}]").format(v=_shown_value(c), n=sql.Literal(SAMPLE_VALUES))
+        for c in compared)
+    return sql.SQL(
+        "SELECT {kj}, {differs}, {values} "
+        "FROM {tbl} WHERE {where} GROUP BY {keys}"
+    ).format(kj=_key_json(key), differs=differs, values=values, tbl=qualified(schema, table),
+             where=sql.SQL(" OR ").join(match(k) for k in sample_keys),
+             keys=sql.SQL(", ").join(map(sql.Identifier, key)))
+
+
+def divergent_detail(cur, schema, table, key, compared, sample_keys):
+    """(divergent_columns, divergent_sample) for the sample divergent keys; ([], []) when there are none."""
+    if not sample_keys or not compared:
+        return [], []
+    cur.execute(build_divergent_query(schema, table, key, compared, sample_keys))
+    found = {}
+    n = len(compared)
+    for row in cur.fetchall():  # key, one flag per compared column, then one array of values per column
+        kj = row[0]
+        found[tuple(kj.get(c) for c in key)] = (kj, row[1:1 + n], row[1 + n:])
+    columns, sample = set(), []
+    for k in sample_keys:  # in the sample's order (largest groups first)
+        hit = found.get(tuple(k.get(c) for c in key))
+        if hit is None:
+            continue
+        kj, flags, values = hit
+        diff = {c: list(v)[:SAMPLE_VALUES] for c, f, v in zip(compared, flags, values) if f}
+        columns.update(diff)
+        sample.append({"key": kj, "values": diff})
+    return [c for c in compared if c in columns], sample
+
+
 def normalise_tables(module):
     out = []
     for i, entry in enumerate(module.params["tables"]):
@@ -271,6 +347,11 @@ def main():
                 module.fail_json(msg=f'counting duplicates in "{schema}"."{t["name"]}" failed: {err}')
             (total, distinct, groups, largest, null_rows, div_groups, div_rows, key_fp, id_fp,
              s_dup, s_div, s_null, null_cols) = cur.fetchone()
+            try:
+                div_columns, div_sample = divergent_detail(cur, schema, t["name"], key, compared, s_div)
+            except Exception as exc:
+                err = error_text(exc, module)
+                module.fail_json(msg=f'reading divergent columns of "{schema}"."{t["name"]}" failed: {err}')
             results.append({
                 "table": t["name"],
                 "schema": schema,
@@ -289,6 +370,8 @@ def main():
                 "sample_duplicate_keys": s_dup,
                 "sample_divergent_keys": s_div,
                 "sample_null_keys": s_null,
+                "divergent_columns": div_columns,
+                "divergent_sample": div_sample,
                 "key_fingerprint": key_fp,
                 "id_fingerprint": id_fp,
                 "primary_key": info["primary_key"],

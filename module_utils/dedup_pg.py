@@ -609,3 +609,29 @@ def total_size(cur, oid):
         (oid,),
     )
     return cur.fetchone()[0]
+
+
+def dump_unreadable(cur, exclude_schema, limit=20):
+    """Relations pg_dump would fail on: the tables, sequences and materialized views (of every schema but
+    pg_catalog, information_schema, pg_toast/pg_temp and C(exclude_schema)) on which the connecting role lacks
+    SELECT. Objects of an extension are left out (pg_dump does not dump them) unless they are one of its
+    configuration tables (pg_dump dumps their data). Foreign tables are left out (their data is not dumped).
+
+    Returns {"count": n, "relations": the first C(limit) as schema.name (kind)}. Partitions and inheritance
+    children are read by pg_dump on their own, so they count on their own too.
+    """
+    cur.execute(
+        "SELECT format('%%I.%%I (%%s)', n.nspname, c.relname, CASE c.relkind WHEN 'S' THEN 'sequence' "
+        "WHEN 'm' THEN 'materialized view' WHEN 'p' THEN 'partitioned table' ELSE 'table' END) "
+        "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p', 'S', 'm') "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema', %s) AND n.nspname !~ '^pg_toast' "
+        "AND n.nspname !~ '^pg_temp_' "
+        "AND NOT (EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass "
+        "AND d.objid = c.oid AND d.deptype = 'e') "
+        "AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_extension e WHERE c.oid = ANY (e.extconfig))) "
+        "AND NOT pg_catalog.has_table_privilege(c.oid, 'SELECT') ORDER BY n.nspname, c.relname",
+        (exclude_schema,),
+    )
+    names = [r[0] for r in cur.fetchall()]
+    return {"count": len(names), "relations": names[:limit]}
