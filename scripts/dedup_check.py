@@ -11,7 +11,7 @@ file (0600); the password is never on the command line or in the crontab. Every 
   * appends one log line, and records the check in <backup schema>.monitor_checks (the ledger);
   * keeps its own cron file in step with its period: hourly during the first hours after the deploy,
     daily until the end of the period, then it removes its cron file, its config, its pgpass file and
-    its textfile.
+    its textfile; it does so at once when the ledger says the deploy was rolled back.
 
 Commands (the clock is injectable with --now or DEDUP_NOW, ISO 8601):
   dedup_check.py --config FILE [--now TS] run           check now (what cron runs)
@@ -159,6 +159,10 @@ def sync_cron(cfg: dict, now: dt.datetime, dry_run: bool = False) -> dict:
             remove(path)
         return {"changed": changed, "phase": phase, "cron_file": path, "installed": False}
     want = cron_text(cfg, phase)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise SystemExit(f"dedup_check: the cron directory {directory} does not exist (monitor_cron_dir); "
+                         "create it or point monitor_cron_dir at cron's drop-in directory (/etc/cron.d)")
     try:
         with open(path, encoding="utf-8") as fh:
             changed = fh.read() != want or (os.stat(path).st_mode & 0o777) != 0o644
@@ -232,6 +236,31 @@ def unique_on(cur, schema: str, table: str, key: list[str]) -> dict | None:
     if not row:
         return None
     return {"name": row[0], "is_constraint": bool(row[1]), "valid": bool(row[2])}
+
+
+def deploy_status(cfg: dict) -> str | None:
+    """The ledger's status of the watched deploy (None when it cannot be read: the check then runs as usual)."""
+    if not cfg.get("deploy_run_id"):
+        return None
+    try:
+        conn = connect(cfg)
+    except Exception:  # noqa: BLE001 - the check itself reports the connection failure
+        return None
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(format('%%I.%%I', %s::text, 'runs')) IS NOT NULL",
+                        (cfg.get("backup_schema") or "dedup_rollout",))
+            if not cur.fetchone()[0]:
+                return None
+            cur.execute(sql.SQL("SELECT status FROM {} WHERE run_id = %s").format(
+                sql.Identifier(cfg.get("backup_schema") or "dedup_rollout", "runs")), (cfg["deploy_run_id"],))
+            row = cur.fetchone()
+        return row[0] if row else None
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        conn.rollback()
+        conn.close()
 
 
 def check_tables(cfg: dict) -> tuple[list[dict], int]:
@@ -363,6 +392,11 @@ def cmd_run(cfg: dict, now: dt.datetime) -> int:
     if phase == "over":
         removed = retire(cfg, now)
         log(cfg, f"{head} status=ended period over, removed: {', '.join(removed) or 'nothing'}")
+        return 0
+    if psycopg2 is not None and deploy_status(cfg) == "rolled_back":
+        # The deploy was rolled back (rollback.yml removes the check too): its duplicates are expected again.
+        removed = retire(cfg, now)
+        log(cfg, f"{head} status=ended deploy rolled back, removed: {', '.join(removed) or 'nothing'}")
         return 0
     try:
         if psycopg2 is None:

@@ -1,0 +1,186 @@
+"""The end-of-run summary of a deploy or rollback report (report.json), as text and as a compact dict.
+
+Pure Python (no Ansible import), shared by the play output (roles/report, roles/rollback_report: a debug task and
+set_stats) and by scripts/show_report.py, so the table at the end of a run and the one show_report.py prints from
+the report file are the same.
+
+    {{ report_data | dedup_summary(report_dir ~ '/report.md') }}   -> the table as one string
+    {{ report_data | dedup_summary_stats }}                       -> a dict for set_stats (AWX artifacts)
+"""
+
+from __future__ import annotations
+
+
+def human(n) -> str:
+    """Bytes as B/KB/MB/GB/TB (1024-based, one decimal); anything else as text ('-' for None)."""
+    if n is None:
+        return "-"
+    try:
+        n = float(n)
+    except (TypeError, ValueError):
+        return str(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _text(value) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def table(head: tuple[str, ...], rows: list[tuple], left: tuple[int, ...] = (0,)) -> list[str]:
+    """Aligned columns: text columns (indexes in ``left``) left-aligned, numbers right-aligned, a rule under the
+    head."""
+    cells = [tuple(head)] + [tuple(_text(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    out = []
+    for i, r in enumerate(cells):
+        out.append("  ".join(c.ljust(w) if j in left else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+                   .rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def _num(value) -> float:
+    """A number from a report field; '-', None and other non-numbers count as 0."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _seconds(value) -> str:
+    try:
+        return f"{float(value):.2f}"
+    except (TypeError, ValueError):
+        return _text(value)
+
+
+def _deploy_lines(db: dict) -> list[str]:
+    where = f" at {db['server']}" if db.get("server") else ""
+    lines = [f"{db.get('host', '?')}: {db.get('database', '?')}{where} (deploy {db.get('deploy_id')})"]
+    backup = db.get("backup")
+    if backup:
+        sha = str(backup.get("sha256") or "")
+        lines.append(f"  backup: {backup.get('path')} ({human(backup.get('bytes'))}"
+                     + (f", sha256 {sha[:16]}..." if sha else "") + ")")
+    rows = db.get("tables") or []
+    if not rows:
+        lines.append("  nothing to do: no duplicates, every constraint present")
+        return lines
+    head = ("table", "rows before", "rows after", "removed", "dups after", "size before", "size after", "seconds",
+            "constraint")
+    lines += ["  " + line for line in table(head, [
+        (t.get("table"), t.get("rows_before"), t.get("rows_after"), t.get("removed"), t.get("duplicates_after"),
+         human(t.get("size_before")), human(t.get("size_after")), _seconds(t.get("seconds")), t.get("constraint"))
+        for t in rows], left=(0, 8))]
+    removed = int(sum(_num(t.get("removed")) for t in rows))
+    seconds = sum(_num(t.get("seconds")) for t in rows)
+    lines.append(f"  removed {removed} row(s) in {len(rows)} table(s), {seconds:.1f} s of migration")
+    if db.get("database_size_after") is not None:
+        before, after = human(db.get("database_size_before")), human(db.get("database_size_after"))
+        lines.append(f"  database size: {before} -> {after}")
+    return lines
+
+
+def _rollback_lines(db: dict) -> list[str]:
+    where = f" at {db['server']}" if db.get("server") else ""
+    head_line = f"{db.get('host', '?')}: {db.get('database', '?')}{where}"
+    if not db.get("target_deploy"):
+        last = db.get("last_deploy") or {}
+        if last.get("run_id"):
+            return [f"{head_line}: nothing to roll back, the last deploy {last['run_id']} is already "
+                    f"{str(last.get('status', '')).replace('_', ' ')}"]
+        return [f"{head_line}: nothing to roll back (no deploy in the ledger)"]
+    lines = [f"{head_line} (deploy {db['target_deploy']} rolled back; its status before: "
+             f"{db.get('target_status_before')})"]
+    if db.get("dump_used"):
+        lines.append(f"  removed rows read from the verified dump {db.get('dump')}")
+    else:
+        kept = f"; dump kept: {db['dump']}" if db.get("dump") else ""
+        lines.append("  removed rows read from the backup tables" + kept)
+    if db.get("already_rolled_back"):
+        lines.append("  already rolled back before this run: " + ", ".join(db["already_rolled_back"]))
+    rows = db.get("tables") or []
+    if not rows:
+        lines.append("  no table left to undo")
+        return lines
+    head = ("table", "removed by deploy", "put back", "already there", "source", "constraint dropped")
+    lines += ["  " + line for line in table(head, [
+        (t.get("table"), t.get("rows_removed") or 0, t.get("restored"), t.get("present"), t.get("source"),
+         t.get("constraint") if t.get("constraint_dropped") else "-")
+        for t in rows], left=(0, 4, 5))]
+    restored = int(sum(_num(t.get("restored")) for t in rows))
+    lines.append(f"  put back {restored} row(s) in {len(rows)} table(s)")
+    return lines
+
+
+def dedup_summary(report: dict, report_path: str | None = None) -> str:
+    """The before/after summary of a deploy or rollback report, as printed at the end of the run."""
+    kind = report.get("kind", "deploy")
+    check = " (check mode: nothing was changed)" if report.get("check_mode") else ""
+    where = f" -- {report_path}" if report_path else ""
+    lines = [f"{kind} run {report.get('run_id')} on {report.get('environment')}{check}{where}"]
+    for db in report.get("databases") or []:
+        lines.append("")
+        lines += _rollback_lines(db) if kind == "rollback" else _deploy_lines(db)
+    etl = report.get("etl_hosts") or []
+    if etl:
+        lines.append("")
+    for e in etl:
+        if kind == "rollback":
+            now = e.get("release_now") or "-"
+            before = e.get("release_before_rollback") or "-"
+            what = f"{before} -> {now}" if e.get("switched") else f"stays {now}"
+            resumed = len(e.get("resumed_lines") or [])
+            lines.append(f"ETL {e.get('host')}: current {what}; {resumed} cron line(s) resumed")
+        else:
+            before = e.get("release_before") or "-"
+            now = e.get("release_now") or before
+            smoke = (e.get("smoke") or {}).get("status")
+            lines.append(f"ETL {e.get('host')}: release {before} -> {now}"
+                         + (f"; smoke test {smoke}" if smoke else "")
+                         + f"; {len(e.get('paused_lines') or [])} cron line(s) paused during the run")
+    if not report.get("databases") and not etl:
+        lines.append("")
+        lines.append("no database or ETL host in this run")
+    return "\n".join(lines)
+
+
+def dedup_summary_stats(report: dict, report_path: str | None = None) -> dict:
+    """A compact summary for set_stats (AWX shows it as the job's artifacts)."""
+    out = {"kind": report.get("kind"), "run_id": report.get("run_id"), "environment": report.get("environment"),
+           "check_mode": bool(report.get("check_mode")), "report": report_path, "databases": []}
+    for db in report.get("databases") or []:
+        rows = db.get("tables") or []
+        if report.get("kind") == "rollback":
+            out["databases"].append({
+                "host": db.get("host"), "database": db.get("database"), "deploy": db.get("target_deploy"),
+                "rows_put_back": int(sum(_num(t.get("restored")) for t in rows)),
+                "tables": {t.get("table"): {"put_back": t.get("restored"), "source": t.get("source"),
+                                            "constraint_dropped": t.get("constraint") if t.get("constraint_dropped")
+                                            else None} for t in rows},
+            })
+        else:
+            out["databases"].append({
+                "host": db.get("host"), "database": db.get("database"), "deploy": db.get("deploy_id"),
+                "backup": (db.get("backup") or {}).get("path"),
+                "rows_before": int(sum(_num(t.get("rows_before")) for t in rows)),
+                "rows_after": int(sum(_num(t.get("rows_after")) for t in rows)),
+                "rows_removed": int(sum(_num(t.get("removed")) for t in rows)),
+                "database_size_before": db.get("database_size_before"),
+                "database_size_after": db.get("database_size_after"),
+                "tables": {t.get("table"): {"rows_before": t.get("rows_before"), "rows_after": t.get("rows_after"),
+                                            "removed": t.get("removed"), "size_before": t.get("size_before"),
+                                            "size_after": t.get("size_after"), "seconds": t.get("seconds"),
+                                            "constraint": t.get("constraint")} for t in rows},
+            })
+    return out
+
+
+class FilterModule:
+    def filters(self):
+        return {"dedup_summary": dedup_summary, "dedup_summary_stats": dedup_summary_stats}

@@ -1,0 +1,145 @@
+"""plugins/filter/report.py: the end-of-run summary (pure, no cluster)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("dedup_report_filter", REPO / "plugins" / "filter" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+DEPLOY = {
+    "kind": "deploy", "run_id": "20261125T211806Z", "environment": "lab", "check_mode": False,
+    "finished": "2026-11-25T21:19:00Z",
+    "databases": [{
+        "host": "lab-db", "database": "breezeway", "server": "127.0.0.1:55432", "deploy_id": "20261125T211806Z",
+        "backup": {"path": "/b/breezeway.dump", "bytes": 526336, "sha256": "0268ac099cd1bcc9ffff"},
+        "database_size_before": 15099494, "database_size_after": 14470348,
+        "tables": [
+            {"table": "task_requirements", "rows_before": 24208, "rows_after": 28, "removed": 24180,
+             "duplicates_after": 0, "size_before": 4089446, "size_after": 65536, "seconds": 0.41,
+             "constraint": "task_requirements_task_pk_requirement_id_key"},
+            {"table": "task_tags", "rows_before": 52, "rows_after": 52, "removed": 0, "duplicates_after": 0,
+             "size_before": 65536, "size_after": 65536, "seconds": "-", "constraint": "task_tags_unique"},
+        ],
+    }],
+    "etl_hosts": [{"host": "lab-etl", "paused_lines": ["a", "b"], "release_before": "v1", "release_now": "v2",
+                   "smoke": {"status": "passed"}}],
+}
+
+ROLLBACK = {
+    "kind": "rollback", "run_id": "20261125T211806Z-rollback", "environment": "lab", "check_mode": False,
+    "finished": "2026-11-25T21:30:00Z",
+    "databases": [{
+        "host": "lab-db", "database": "breezeway", "server": "127.0.0.1:55432",
+        "target_deploy": "20261125T211806Z", "target_status_before": "succeeded", "dump": "/b/breezeway.dump",
+        "dump_used": False, "already_rolled_back": [],
+        "tables": [{"table": "task_requirements", "rows_removed": 24180, "restored": 24180, "present": 0,
+                    "source": "table", "constraint": "task_requirements_task_pk_requirement_id_key",
+                    "constraint_dropped": True}],
+    }],
+    "etl_hosts": [{"host": "lab-etl", "release_before_rollback": "v2", "switched": True, "release_now": "v1",
+                   "resumed_lines": ["a"]}],
+}
+
+
+def test_human_sizes():
+    assert report.human(None) == "-"
+    assert report.human(512) == "512 B"
+    assert report.human(526336) == "514.0 KB"
+    assert report.human(15099494) == "14.4 MB"
+    assert report.human("n/a") == "n/a"
+
+
+def test_deploy_summary_has_rows_removed_sizes_constraint_seconds_and_backup():
+    text = report.dedup_summary(DEPLOY, "reports/lab/20261125T211806Z/report.md")
+    lines = text.splitlines()
+    assert lines[0] == "deploy run 20261125T211806Z on lab -- reports/lab/20261125T211806Z/report.md"
+    assert "lab-db: breezeway at 127.0.0.1:55432 (deploy 20261125T211806Z)" in lines
+    assert "  backup: /b/breezeway.dump (514.0 KB, sha256 0268ac099cd1bcc9...)" in lines
+    head = next(line for line in lines if line.strip().startswith("table "))
+    for col in ("rows before", "rows after", "removed", "dups after", "size before", "size after", "seconds",
+                "constraint"):
+        assert col in head
+    row = next(line for line in lines if line.strip().startswith("task_requirements "))
+    assert row.split() == ["task_requirements", "24208", "28", "24180", "0", "3.9", "MB", "64.0", "KB", "0.41",
+                           "task_requirements_task_pk_requirement_id_key"]
+    assert "  removed 24180 row(s) in 2 table(s), 0.4 s of migration" in lines
+    assert "  database size: 14.4 MB -> 13.8 MB" in lines
+    assert "ETL lab-etl: release v1 -> v2; smoke test passed; 2 cron line(s) paused during the run" in lines
+    # columns line up: every row of the table is as wide as its rule
+    rule = next(i for i, line in enumerate(lines) if set(line.strip()) <= {"-", " "} and line.strip())
+    assert lines[rule - 1].index("rows before") < lines[rule + 1].index("24208") + len("24208")
+
+
+def test_deploy_with_nothing_to_do_and_check_mode():
+    data = json.loads(json.dumps(DEPLOY))
+    data["check_mode"] = True
+    data["databases"][0].update(tables=[], backup=None, database_size_after=None)
+    text = report.dedup_summary(data)
+    assert "(check mode: nothing was changed)" in text.splitlines()[0]
+    assert "nothing to do: no duplicates, every constraint present" in text
+    assert "database size" not in text
+
+
+def test_rollback_summary_and_nothing_left_to_undo():
+    text = report.dedup_summary(ROLLBACK, "x/report.md")
+    assert text.splitlines()[0] == "rollback run 20261125T211806Z-rollback on lab -- x/report.md"
+    assert ("lab-db: breezeway at 127.0.0.1:55432 (deploy 20261125T211806Z rolled back; its status before: "
+            "succeeded)") in text
+    assert "removed rows read from the backup tables; dump kept: /b/breezeway.dump" in text
+    assert "put back 24180 row(s) in 1 table(s)" in text
+    assert "ETL lab-etl: current v2 -> v1; 1 cron line(s) resumed" in text
+    noop = json.loads(json.dumps(ROLLBACK))
+    noop["databases"][0].update(target_deploy=None, tables=[],
+                                last_deploy={"run_id": "20261125T211806Z", "status": "rolled_back"})
+    noop["etl_hosts"][0].update(switched=False, release_before_rollback="v1", resumed_lines=[])
+    text = report.dedup_summary(noop)
+    assert "nothing to roll back, the last deploy 20261125T211806Z is already rolled back" in text
+    assert "ETL lab-etl: current stays v1; 0 cron line(s) resumed" in text
+    noop["databases"][0]["last_deploy"] = None
+    assert "nothing to roll back (no deploy in the ledger)" in report.dedup_summary(noop)
+
+
+def test_rollback_report_without_server_does_not_crash():
+    """Reports written before the rollback report had 'server' (the KeyError of show_report.py)."""
+    old = json.loads(json.dumps(ROLLBACK))
+    del old["databases"][0]["server"]
+    assert "lab-db: breezeway (deploy 20261125T211806Z rolled back" in report.dedup_summary(old)
+
+
+def test_stats_for_awx():
+    stats = report.dedup_summary_stats(DEPLOY, "r.md")
+    db = stats["databases"][0]
+    assert (stats["kind"], stats["report"], db["rows_removed"], db["rows_before"], db["backup"]) == (
+        "deploy", "r.md", 24180, 24260, "/b/breezeway.dump")
+    assert db["tables"]["task_tags"]["constraint"] == "task_tags_unique"
+    assert json.loads(json.dumps(stats)) == stats
+    rb = report.dedup_summary_stats(ROLLBACK)["databases"][0]
+    assert rb["rows_put_back"] == 24180 and rb["tables"]["task_requirements"]["source"] == "table"
+
+
+def test_show_report_latest_picks_the_newest_of_either_kind(tmp_path):
+    env = tmp_path / "lab"
+    (env / "20261125T211806Z").mkdir(parents=True)
+    (env / "20261125T211806Z" / "report.json").write_text(json.dumps(DEPLOY))
+    rb = env / "20261125T211806Z-rollback" / "20261125T213000Z"
+    rb.mkdir(parents=True)
+    (rb / "report.json").write_text(json.dumps(ROLLBACK))
+    script = REPO / "scripts" / "show_report.py"
+    out = subprocess.run([sys.executable, str(script), "--latest", str(env)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "rollback run 20261125T211806Z-rollback" in out.stdout
+    out = subprocess.run([sys.executable, str(script), str(rb / "report.json")], capture_output=True, text=True)
+    assert out.returncode == 0 and "put back 24180 row(s)" in out.stdout, out.stderr
+    # a newer deploy wins over the older rollback
+    newer = dict(DEPLOY, run_id="20261126T080000Z", finished="2026-11-26T08:01:00Z")
+    (env / "20261126T080000Z").mkdir()
+    (env / "20261126T080000Z" / "report.json").write_text(json.dumps(newer))
+    out = subprocess.run([sys.executable, str(script), "--latest", str(env)], capture_output=True, text=True)
+    assert "deploy run 20261126T080000Z on lab" in out.stdout, out.stdout + out.stderr
