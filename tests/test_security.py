@@ -2,8 +2,9 @@
 
 One real deploy on the lab is watched from outside: ``ps -eo args`` every 50 ms (argv of every
 process, including pg_dump and the ETL smoke runs), the ansible log (ANSIBLE_LOG_PATH), the output,
-the reports and the rendered SQL are scanned for the password; the modes of the dump, the reports
-and the pgpass file are checked while they exist; a role that reads the application schema is
+the reports and the rendered SQL are scanned for the password; pg_dump gets it only in its environment
+(PGPASSWORD, read from /proc while it runs), no pgpass file is written; the modes of the dump and the
+reports are checked; a role that reads the application schema is
 shown to be unable to read the backup schema. The static check proves no SQL is string-formatted.
 """
 
@@ -82,16 +83,19 @@ def test_no_string_formatted_sql_anywhere():
 
 
 class Watcher(threading.Thread):
-    """Samples argv of every process (``ps -eo args``) every 50 ms and the pgpass files of the dump step."""
+    """Samples argv of every process (``ps -eo args``) every 50 ms, the environment of every pg_dump, and any
+    pgpass file under /tmp."""
 
-    def __init__(self, secret: str):
+    def __init__(self, secret: str, dbname: str = ""):
         super().__init__(daemon=True)
         self.secret = secret
+        self.dbname = dbname
         self.stop = threading.Event()
         self.samples = 0
         self.leaks: list[str] = []
         self.commands: set[str] = set()
-        self.pgpass_modes: dict[str, tuple[int, int, int]] = {}
+        self.pgpass_files: set[str] = set()
+        self.pg_dump_env: dict[int, tuple[list[str], bool]] = {}
 
     def run(self):
         while not self.stop.is_set():
@@ -103,12 +107,18 @@ class Watcher(threading.Thread):
                 for word in ("pg_dump", "pg_restore", "run_etl.py"):
                     if word in line:
                         self.commands.add(word)
-            for f in glob.glob("/tmp/dedup-pgpass-*/pgpass"):
-                try:
-                    d, s = os.stat(os.path.dirname(f)), os.stat(f)
-                    self.pgpass_modes[f] = (stat.S_IMODE(d.st_mode), stat.S_IMODE(s.st_mode), s.st_uid)
+            self.pgpass_files.update(glob.glob("/tmp/dedup-pgpass-*"))
+            for pid in subprocess.run(["pgrep", "-x", "pg_dump"], capture_output=True, text=True).stdout.split():
+                try:  # this run's pg_dump only (other labs may dump at the same time)
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    raw = Path(f"/proc/{pid}/environ").read_bytes()
                 except OSError:
-                    pass
+                    continue
+                env = dict(kv.split("=", 1) for kv in raw.decode("utf-8", "replace").split("\0") if "=" in kv)
+                if f"--dbname={self.dbname}".encode() in argv and env.get("PGAPPNAME") == "dedup-rollout/pg_dump":
+                    # names of the PG* variables, and whether PGPASSWORD is the secret (never the value itself)
+                    self.pg_dump_env[int(pid)] = (sorted(k for k in env if k.startswith("PG")),
+                                                  env.get("PGPASSWORD") == self.secret)
             time.sleep(0.05)
 
 
@@ -129,8 +139,7 @@ def test_watched_deploy_leaks_no_password_and_keeps_backups_private(lab, tmp_pat
         cur.execute("ALTER DEFAULT PRIVILEGES FOR ROLE breezeway GRANT SELECT ON TABLES TO dedup_app_reader")
     admin.close()
     log = tmp_path / "ansible.log"
-    stale = set(glob.glob("/tmp/dedup-pgpass-*"))
-    watcher = Watcher(lab.password)
+    watcher = Watcher(lab.password, lab.dbname)
     watcher.start()
     try:
         res = lab.playbook(DEPLOY, "-v", env={"ANSIBLE_LOG_PATH": str(log)},
@@ -155,11 +164,12 @@ def test_watched_deploy_leaks_no_password_and_keeps_backups_private(lab, tmp_pat
             assert mode(p) == 0o600, f"{p} is {oct(mode(p))}"
         for d in [p for p in (lab.root / "reports").rglob("*") if p.is_dir()][1:] + [lab.backup_dir]:
             assert mode(d) & 0o077 == 0, f"{d} is {oct(mode(d))}"
-        # The pgpass file of pg_dump: seen while it existed, 0600 in a 0700 directory; gone afterwards.
-        assert watcher.pgpass_modes, "the pgpass file was never observed"
-        for f, (dmode, fmode, _uid) in watcher.pgpass_modes.items():
-            assert (dmode, fmode) == (0o700, 0o600), (f, oct(dmode), oct(fmode))
-        assert set(glob.glob("/tmp/dedup-pgpass-*")) <= stale, "a pgpass directory was left behind"
+        # pg_dump: the password only in its environment (PGPASSWORD), no password file written anywhere.
+        assert watcher.pg_dump_env, "pg_dump's environment was never observed"
+        for pid, (names, is_secret) in watcher.pg_dump_env.items():
+            assert is_secret and "PGPASSFILE" not in names, (pid, names)
+        assert watcher.pgpass_files == set(), watcher.pgpass_files
+        assert not [p for p in lab.root.rglob("*pgpass*")], "a password file was written"
         # The ledger's record of the run carries no password either.
         runs = lab.query(sql.SQL("SELECT r::text FROM {} r").format(sql.Identifier(LEDGER, "runs")))
         assert runs and all(lab.password not in r[0] for r in runs)
