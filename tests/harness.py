@@ -199,11 +199,12 @@ class PgCluster:
             conn.close()
 
 
-def start_cluster(extra_conf: dict[str, str] | None = None) -> PgCluster:
-    """initdb + start on a free port; another process may grab the port meanwhile, so retry on a new one."""
+def start_cluster(extra_conf: dict[str, str] | None = None, bindir: Path | None = None) -> PgCluster:
+    """initdb + start on a free port (server binaries from ``bindir``, default pg_bindir()); another process may
+    grab the port meanwhile, so retry on a new one."""
     for attempt in range(3):
         root = Path(tempfile.mkdtemp(prefix="dedup-pg-"))
-        cluster = PgCluster(root=root, port=free_port(), os_user=server_os_user())
+        cluster = PgCluster(root=root, port=free_port(), os_user=server_os_user(), bindir=bindir or pg_bindir())
         cluster.init(extra_conf)
         try:
             cluster.start()
