@@ -8,6 +8,7 @@ import json
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -98,3 +99,40 @@ def test_summary_rollback_twice_green_and_the_check_retired(lab, tmp_path):
     latest = show("--latest", lab.root / "reports" / lab.inventory.name)
     assert latest.returncode == 0, latest.stderr
     assert f"nothing to roll back, the last deploy {deploy_id} is already rolled back" in latest.stdout
+
+
+def test_check_script_retires_itself_once_the_deploy_is_rolled_back(pg, fresh_db, tmp_path):
+    """dedup_check.py run: the ledger says rolled_back -> cron file, config, pgpass, textfile removed, exit 0; a
+    missing cron directory is a clear message, not a traceback."""
+    pg.execute("CREATE SCHEMA dedup_rollout; CREATE TABLE dedup_rollout.runs (run_id text PRIMARY KEY, status text); "
+               "INSERT INTO dedup_rollout.runs VALUES ('20261125T211806Z', 'succeeded'); "
+               "CREATE SCHEMA s; CREATE TABLE s.t (id serial PRIMARY KEY, a int UNIQUE);", fresh_db)
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"*:{pg.port}:{fresh_db}:{pg.superuser}:{pg.password}\n")
+    passfile.chmod(0o600)
+    cfg = {"name": "rb", "deploy_run_id": "20261125T211806Z", "period_start": "2026-11-25T21:20:00Z",
+           "cron_file": str(tmp_path / "cron.d" / "dedup-check-rb"), "config_path": str(tmp_path / "check.json"),
+           "textfile": str(tmp_path / "rb.prom"), "log_file": str(tmp_path / "check.log"), "schema": "s",
+           "backup_schema": "dedup_rollout", "tables": [{"name": "t", "natural_key": ["a"]}],
+           "db": {"host": "127.0.0.1", "port": pg.port, "dbname": fresh_db, "user": pg.superuser,
+                  "passfile": str(passfile)}}
+    (tmp_path / "check.json").write_text(json.dumps(cfg))
+    script = [sys.executable, str(REPO / "scripts" / "dedup_check.py"), "--config", cfg["config_path"],
+              "--now", "2026-11-25T22:00:00Z"]
+
+    missing = subprocess.run([*script, "schedule"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert f"the cron directory {tmp_path / 'cron.d'} does not exist" in missing.stderr
+
+    (tmp_path / "cron.d").mkdir()
+    assert subprocess.run([*script, "schedule"], capture_output=True, text=True, timeout=60).returncode == 0
+    clean = subprocess.run([*script, "run"], capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0 and "status=clean" in clean.stdout, clean.stdout + clean.stderr
+    assert Path(cfg["cron_file"]).exists()
+
+    pg.execute("UPDATE dedup_rollout.runs SET status = 'rolled_back'", fresh_db)
+    ended = subprocess.run([*script, "run"], capture_output=True, text=True, timeout=60)
+    assert ended.returncode == 0, ended.stdout + ended.stderr
+    assert "status=ended deploy rolled back" in ended.stdout
+    for path in (cfg["cron_file"], cfg["config_path"], cfg["textfile"], passfile):
+        assert not Path(path).exists(), path
