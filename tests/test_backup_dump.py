@@ -21,9 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
-import psycopg2
 from psycopg2 import sql
-from test_deploy import DEPLOY, LEDGER, ledger_tables, snapshot
+from test_deploy import DEPLOY, LEDGER, ledger_exists, ledger_tables, snapshot
 
 from harness import wait_for
 from modkit import pg_args, run_module
@@ -265,7 +264,4 @@ def test_online_mode_with_dump_backup_is_refused(lab):
     assert "dedup_mode=online with dedup_backup_mode=dump is refused" in " ".join(res.output.split()), \
         res.output[-4000:]
     assert lab.counts() == counts and list(lab.backup_dir.iterdir()) == []
-    with psycopg2.connect(**lab.pg.dsn(lab.dbname)) as c, c.cursor() as cur:
-        cur.execute("SELECT to_regclass('dedup_rollout.runs') IS NULL "
-                    "OR NOT EXISTS (SELECT 1 FROM dedup_rollout.table_runs)")
-        assert cur.fetchone()[0]
+    assert not ledger_exists(lab) or ledger_tables(lab) == []
