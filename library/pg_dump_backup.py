@@ -175,6 +175,7 @@ from ansible.module_utils.dedup_dump import (
     UNVERIFIED,
     child_env,
     connection_args,
+    data_relations,
     describe_failure,
     measure,
     partials,
@@ -240,6 +241,7 @@ class DumpBackup:
         writes, reset, size, conn = self.counters(p["tables"], keep_open=True)
         watch = PlayWatch(p["run_lock_id"], every=2.0)
         cur = conn.cursor()
+        relations = data_relations(cur, p["schema"], p["tables"])
 
         def gone():
             try:
@@ -281,7 +283,7 @@ class DumpBackup:
             if res.returncode != 0:
                 what = "pg_dump of %s into %s" % (p["login_db"] or "(PGDATABASE)", tmp)
                 raise DedupPgError(describe_failure(what, res.stderr, p["login_password"]))
-            entries = verify(p["pg_restore"], tmp, p["schema"], p["tables"], gone=gone)
+            entries = verify(p["pg_restore"], tmp, p["schema"], p["tables"], gone=gone, relations=relations)
             seal(tmp)
             publish(tmp, self.final)
         except BaseException:

@@ -212,16 +212,33 @@ def publish(tmp: str, final: str) -> None:
 # --------------------------------------------------------------------------- verification
 
 
-def verify(pg_restore: str, path: str, schema: str, tables: list[str], gone=None) -> int:
-    """Read the whole archive and check its table of contents; return the number of TOC entries."""
+def data_relations(cur, schema: str, tables: list[str]) -> dict:
+    """Where each table's rows are stored: [(schema, name)] of the table itself, or of every leaf partition of a
+    partitioned table (a dump holds a partitioned table's data under its partitions' names)."""
+    out = {}
+    for t in tables:
+        cur.execute("SELECT n.nspname, c.relname FROM pg_catalog.pg_partition_tree("
+                    "to_regclass(format('%%I.%%I', %s::text, %s::text))) pt "
+                    "JOIN pg_catalog.pg_class c ON c.oid = pt.relid "
+                    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE pt.isleaf ORDER BY 1, 2",
+                    (schema, t))
+        out[t] = [tuple(r) for r in cur.fetchall()] or [(schema, t)]
+    return out
+
+
+def verify(pg_restore: str, path: str, schema: str, tables: list[str], gone=None, relations=None) -> int:
+    """Read the whole archive and check its table of contents; return the number of TOC entries.
+    ``relations`` (from data_relations) names where each table's data is; by default the table itself."""
     listing = run([pg_restore, "--list", path], gone=gone)
     if listing.returncode != 0:
         raise DedupPgError(describe_failure("pg_restore --list %s" % path, listing.stderr))
     entries = [line for line in listing.stdout.splitlines() if line.strip() and not line.startswith(";")]
-    missing = [t for t in tables if not any(("TABLE DATA %s %s " % (schema, t)) in line for line in entries)]
+    relations = relations or {t: [(schema, t)] for t in tables}
+    missing = ["%s.%s" % rel for t in tables for rel in relations[t]
+               if not any(("TABLE DATA %s %s " % rel) in line for line in entries)]
     if missing:
         raise DedupPgError("the dump has no data for %s (TABLE DATA missing from its table of contents): it "
-                           "cannot be trusted" % ", ".join("%s.%s" % (schema, t) for t in missing))
+                           "cannot be trusted" % ", ".join(missing))
     whole = run([pg_restore, "--file=/dev/null", path], gone=gone)
     if whole.returncode != 0:
         raise DedupPgError(describe_failure("reading the whole dump back (pg_restore --file=/dev/null %s)" % path,
@@ -233,14 +250,22 @@ def verify(pg_restore: str, path: str, schema: str, tables: list[str], gone=None
 
 
 def table_writes(cur, schema: str, tables: list[str]) -> tuple[dict, str | None]:
-    """Per table n_tup_ins + n_tup_upd + n_tup_del (None when the table has no statistics row), and the
-    database's stats_reset (a reset makes every counter meaningless)."""
-    cur.execute("SELECT relname, n_tup_ins + n_tup_upd + n_tup_del FROM pg_catalog.pg_stat_user_tables "
-                "WHERE schemaname = %s AND relname = ANY (%s)", (schema, list(tables)))
-    found = {r[0]: int(r[1]) for r in cur.fetchall()}
+    """Per table n_tup_ins + n_tup_upd + n_tup_del (summed over the partitions of a partitioned table; None when
+    there is no statistics row), and the database's stats_reset (a reset makes every counter meaningless)."""
+    relations = data_relations(cur, schema, tables)
+    writes = {}
+    for t in tables:
+        total = None
+        for rel_schema, rel in relations[t]:
+            cur.execute("SELECT n_tup_ins + n_tup_upd + n_tup_del FROM pg_catalog.pg_stat_user_tables "
+                        "WHERE schemaname = %s AND relname = %s", (rel_schema, rel))
+            row = cur.fetchone()
+            if row is not None:
+                total = (total or 0) + int(row[0])
+        writes[t] = total
     cur.execute("SELECT stats_reset::text FROM pg_catalog.pg_stat_database WHERE datname = current_database()")
     row = cur.fetchone()
-    return {t: found.get(t) for t in tables}, (row[0] if row else None)
+    return writes, (row[0] if row else None)
 
 
 def stale_tables(recorded: dict | None, recorded_reset, current: dict, current_reset) -> list[dict]:
