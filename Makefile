@@ -7,7 +7,7 @@ BIN   := $(VENV)/bin
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: bootstrap demo test lint pytest bench lab-up lab-down clean
+.PHONY: bootstrap demo test unit lint pytest bench lab-up lab-down clean
 
 bootstrap:            ## install OS packages (as root) and the venv
 	@bash scripts/bootstrap.sh
@@ -27,10 +27,13 @@ lint: bootstrap       ## ruff, yamllint, ansible-lint (production profile)
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint --profile production
 
+unit: bootstrap       ## pure-logic tests, no cluster: seconds, first
+	$(BIN)/pytest -q tests/unit
+
 pytest: bootstrap
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test: lint pytest     ## the whole suite (what CI runs)
+test: unit lint pytest  ## the whole suite (what CI runs)
 
 bench: bootstrap      ## benchmark against the runbook's own method (prints a table)
 	$(BIN)/python bench/run_bench.py

@@ -49,7 +49,7 @@ def test_rollback_killed_at_each_step_then_finished(lab):
     assert_rolled_back(lab, original, original, cons_before, cron_before, deploy_id)
     assert list((lab.root / "reports").rglob(f"{deploy_id}-rollback/*/report.md"))
     res = lab.playbook(ROLLBACK)
-    assert res.rc != 0 and "Nothing to roll back" in res.output, res.output[-3000:]
+    assert res.rc == 0 and res.changed() == 0 and "Nothing to roll back" in res.output, res.output[-3000:]
     assert len([r for r in runs(lab).values() if r["kind"] == "rollback"]) == 1
     assert lab.query(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(LEDGER, "runs")))[0][0] == 2
     assert_rolled_back(lab, original, original, cons_before, cron_before, deploy_id)
