@@ -202,3 +202,34 @@ def test_partitioned_tables_whose_key_lacks_the_partition_key_are_refused_saying
     assert not res.get("failed"), res
     assert res["tables"][0]["partitioned"] and res["tables"][0]["order_by"] == "id"
     assert res["tables"][0]["partitions"] == ["p.t_2025"]
+
+
+def test_partitioned_table_in_dump_backup_mode_is_refused_before_anything_changes(pg, fresh_db, lab_template,
+                                                                                 tmp_path):
+    admin = pg.connect(fresh_db)
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(fresh_db),
+                                                                        sql.Identifier(OWNER)))
+        cur.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(SCHEMA),
+                                                                         sql.Identifier(OWNER)))
+    admin.close()
+    c = psycopg2.connect(**pg.dsn(fresh_db, user=OWNER, password=lab_template.password))
+    c.autocommit = True
+    ddl, fill, key, _keep, _order_by = SHAPES["events"]
+    with c.cursor() as cur:
+        cur.execute(f"CREATE TABLE shapes.events {ddl}")
+        for copy in range(2):
+            cur.execute(fill.format(copy=copy))
+        before = rows(cur, SCHEMA, "events")
+    inv = db_only_inventory(tmp_path / "dumpmode", port=pg.port, dbname=fresh_db, user=OWNER,
+                            password=lab_template.password, root=tmp_path,
+                            extra={"dedup_schema": SCHEMA, "dedup_backup_mode": "dump",
+                                   "dedup_tables": [{"name": "events", "natural_key": key}]})
+    res = run_playbook(DEPLOY, inventory=inv)
+    assert res.rc != 0 and "Use dedup_backup_mode=table" in " ".join(res.output.split()), res.output[-3000:]
+    with c.cursor() as cur:
+        assert rows(cur, SCHEMA, "events") == before
+        cur.execute("SELECT to_regnamespace(%s) IS NULL", (LEDGER,))
+        assert cur.fetchone()[0], "the ledger was created"
+    assert not any((tmp_path / "backups").glob("*")) if (tmp_path / "backups").exists() else True
+    c.close()
