@@ -117,18 +117,23 @@ def expected_kept(cur, name: str) -> Counter:
     return Counter(r[0] for r in cur.fetchall())
 
 
-def test_every_shape_deploys_keeps_the_asked_row_loses_nothing_and_rolls_back_exactly(pg, fresh_db, lab_template,
-                                                                                     tmp_path):
-    admin = pg.connect(fresh_db)
+def owner_connection(pg, db: str, password: str):
+    """The shapes schema owned by the lab's non-superuser role (citext installed); a connection as that role."""
+    admin = pg.connect(db)
     with admin.cursor() as cur:
         cur.execute("CREATE EXTENSION citext")
-        cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(fresh_db),
-                                                                        sql.Identifier(OWNER)))
+        cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(db), sql.Identifier(OWNER)))
         cur.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(SCHEMA),
                                                                          sql.Identifier(OWNER)))
     admin.close()
-    c = psycopg2.connect(**pg.dsn(fresh_db, user=OWNER, password=lab_template.password))
+    c = psycopg2.connect(**pg.dsn(db, user=OWNER, password=password))
     c.autocommit = True
+    return c
+
+
+def test_every_shape_deploys_keeps_the_asked_row_loses_nothing_and_rolls_back_exactly(pg, fresh_db, lab_template,
+                                                                                     tmp_path):
+    c = owner_connection(pg, fresh_db, lab_template.password)
     original, kept = {}, {}
     with c.cursor() as cur:
         cur.execute(SETUP)
@@ -206,15 +211,7 @@ def test_partitioned_tables_whose_key_lacks_the_partition_key_are_refused_saying
 
 def test_partitioned_table_in_dump_backup_mode_is_refused_before_anything_changes(pg, fresh_db, lab_template,
                                                                                  tmp_path):
-    admin = pg.connect(fresh_db)
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(fresh_db),
-                                                                        sql.Identifier(OWNER)))
-        cur.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(SCHEMA),
-                                                                         sql.Identifier(OWNER)))
-    admin.close()
-    c = psycopg2.connect(**pg.dsn(fresh_db, user=OWNER, password=lab_template.password))
-    c.autocommit = True
+    c = owner_connection(pg, fresh_db, lab_template.password)
     ddl, fill, key, _keep, _order_by = SHAPES["events"]
     with c.cursor() as cur:
         cur.execute(f"CREATE TABLE shapes.events {ddl}")
