@@ -17,6 +17,11 @@ command -v git >/dev/null 2>&1 || need_pkgs+=(git)
 /usr/bin/python3 -c 'import psycopg2' >/dev/null 2>&1 || need_pkgs+=(python3-psycopg2)
 command -v make >/dev/null 2>&1 || need_pkgs+=(make)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+# The SSH tests (tests/sshkit.py): an sshd of their own, an unprivileged user with sudo, setfacl for becoming an
+# unprivileged user without pipelining.
+[ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+command -v sudo >/dev/null 2>&1 || need_pkgs+=(sudo)
+command -v setfacl >/dev/null 2>&1 || need_pkgs+=(acl)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
