@@ -8,6 +8,7 @@ Literals are quoted like ``psycopg2.sql.Literal`` for strings (standard_conformi
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from ansible.errors import AnsibleFilterError
 
@@ -67,9 +68,16 @@ def dedup_dup_spec(table):
     return spec
 
 
+def dedup_project_root(_value=None):
+    """The checkout this plugin belongs to (plugins/filter/ is two levels below it), whatever the roles path or
+    working directory: AWX / Automation Platform put their own requirements_roles first in the roles path."""
+    return str(Path(__file__).resolve().parents[2])
+
+
 class FilterModule:
     def filters(self):
         return {
+            "dedup_project_root": dedup_project_root,
             "pg_ident": pg_ident,
             "pg_qident": pg_qident,
             "pg_idents": pg_idents,
