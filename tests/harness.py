@@ -46,6 +46,15 @@ def pg_bindir() -> Path:
     raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found: run scripts/bootstrap.sh")
 
 
+def require_root(what: str) -> None:
+    """Fail loudly (never skip) when a test needs root: a skipped category would hide what was not tested."""
+    if os.geteuid() != 0:
+        import pytest  # noqa: PLC0415 - harness is also imported outside pytest
+
+        pytest.fail(f"{what}: these tests need root (throwaway OS users, crontabs, /etc/cron.d, mounts); run "
+                    "the suite as root, as make test and .ci/run do", pytrace=False)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

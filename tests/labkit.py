@@ -41,7 +41,7 @@ import pytest
 import yaml
 from psycopg2 import sql
 
-from harness import REPO, VENV_BIN, PgCluster, PlaybookResult, ansible_env, run_playbook, wait_for
+from harness import REPO, VENV_BIN, PgCluster, PlaybookResult, ansible_env, require_root, run_playbook, wait_for
 
 LAB_SCALE = 0.001
 TEMPLATE_DB = "lab_template"
@@ -351,8 +351,7 @@ class Lab:
 
 
 def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("labkit needs root: it creates a throwaway ETL OS user and installs its crontab")
+    require_root("labkit creates a throwaway ETL OS user and installs its crontab")
 
 
 @pytest.fixture(scope="session")

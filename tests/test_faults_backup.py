@@ -5,7 +5,6 @@ Split from test_faults.py so that the two long files run on different workers.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from test_deploy import DEPLOY, ledger_exists, ledger_tables, rows_of, snapshot, unique_constraints
 from test_faults import assert_final, finish, start_deploy
 
-from harness import REPO
+from harness import REPO, require_root
 
 
 @pytest.mark.slow
@@ -65,8 +64,7 @@ def test_dump_mode_refuses_to_remove_rows_written_after_the_dump(lab):
 @pytest.fixture
 def tiny_fs():
     """A 64 KiB tmpfs: any real dump fills it."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    require_root("mounting a tmpfs")
     d = Path(tempfile.mkdtemp(prefix="dedup-tinyfs-"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(d)], check=True)
     try:

@@ -19,10 +19,13 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from harness import REPO, free_port, pg_bindir, run_playbook
+from harness import REPO, free_port, pg_bindir, require_root, run_playbook
 from labkit import CHILD_TABLES, LAB_SCALE, NATURAL_KEYS, PARENT_TABLES, fill_shape, lab_child_spec
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab tests create throwaway OS users (root)")
+
+@pytest.fixture(autouse=True)
+def _root():
+    require_root("the lab tests create throwaway OS users")
 
 SEED_JOBS = [("nashville", "properties"), ("nashville", "tasks")]
 SEED_RUNS = 2

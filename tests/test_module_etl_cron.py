@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from harness import require_root
 from modkit import ansible_doc, run_adhoc, run_module
 
 TEST_USER = "dedup_crontest"
@@ -34,8 +35,7 @@ CRONTAB = (
 
 @pytest.fixture(scope="module")
 def cron_user():
-    if os.geteuid() != 0:
-        pytest.skip("crontab tests need root to use a dedicated test user")
+    require_root("crontab tests use a dedicated test user")
     try:
         pwd.getpwnam(TEST_USER)
     except KeyError:

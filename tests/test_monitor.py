@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from psycopg2 import sql
 
-from harness import REPO
+from harness import REPO, require_root
 
 DEPLOY = REPO / "deploy_dedup.yml"
 MONITOR = REPO / "playbooks" / "monitor.yml"
@@ -99,8 +99,7 @@ def run_cron_job(path: Path, now: str | None = None) -> subprocess.CompletedProc
 @pytest.fixture
 def check_files(tmp_path):
     """Where the scheduled check goes: a unique real /etc/cron.d file, the rest under tmp_path."""
-    if os.geteuid() != 0:
-        pytest.skip("the scheduled check writes /etc/cron.d: needs root")
+    require_root("the scheduled check writes /etc/cron.d")
     name = "t" + uuid.uuid4().hex[:10]
     files = {
         "name": name,

@@ -113,7 +113,7 @@ def test_pg_repack_gives_the_space_back_when_the_server_has_it(pg, fresh_db):
     postgresql-<ver>-repack), online mode rewrites the table with pg_repack: the space comes back.
     Without the extension it says why it did not, and the free space stays inside the table."""
     if not _repack_client(pg):
-        pytest.skip("pg_repack is not installed (scripts/bootstrap.sh installs postgresql-<ver>-repack)")
+        pytest.fail("pg_repack is not installed: scripts/bootstrap.sh installs postgresql-<ver>-repack", pytrace=False)
     extra = """
 CREATE TABLE s."Big Items" (id bigserial PRIMARY KEY, k1 int NOT NULL, payload text);
 INSERT INTO s."Big Items" (k1, payload) SELECT g % 500, repeat('x', 200) FROM generate_series(1, 40000) g;
