@@ -10,7 +10,8 @@ short_description: Take a pg_dump that is the backup only once it is complete, v
 description:
   - C(action=dump) runs pg_dump into C(<path>.partial-<stamp>-<pid>) next to C(path), with the password only in
     the child's environment (C(PGPASSWORD); never argv, never a file), C(PGAPPNAME=dedup-rollout/pg_dump) and
-    C(ssl_mode)/C(connect_timeout) as C(PGSSLMODE)/C(PGCONNECT_TIMEOUT).
+    C(ssl_mode)/C(connect_timeout)/C(ssl_rootcert)/C(ssl_cert)/C(ssl_key) as C(PGSSLMODE)/C(PGCONNECT_TIMEOUT)/
+    C(PGSSLROOTCERT)/C(PGSSLCERT)/C(PGSSLKEY), so C(verify-full) holds for pg_dump as for the modules.
   - The archive is then read whole (C(pg_restore --file=/dev/null), every data block) and its table of contents
     (C(pg_restore --list)) must hold C(TABLE DATA <schema> <table>) for each of C(tables). Only then is it made
     owner-only (file 0600; directory 0700 with 0600 files), fsync'ed and renamed to C(path) in one step.

@@ -45,8 +45,8 @@ def _die_with_parent():  # pragma: no cover - runs in the forked child
 
 
 def child_env(params: dict) -> dict:
-    """Environment of pg_dump/pg_restore: the password only here (PGPASSWORD), sslmode and timeout as the
-    modules use them, an application_name that says who is reading."""
+    """Environment of pg_dump/pg_restore: the password only here (PGPASSWORD); sslmode, timeout and the TLS files
+    (CA, client certificate and key) as the modules use them; an application_name that says who is reading."""
     env = dict(os.environ)
     env["PGAPPNAME"] = APP_NAME
     if params.get("login_password"):
@@ -55,6 +55,9 @@ def child_env(params: dict) -> dict:
         env["PGSSLMODE"] = params["ssl_mode"]
     if params.get("connect_timeout") is not None and int(params["connect_timeout"]) > 0:
         env["PGCONNECT_TIMEOUT"] = str(int(params["connect_timeout"]))
+    for opt, var in (("ssl_rootcert", "PGSSLROOTCERT"), ("ssl_cert", "PGSSLCERT"), ("ssl_key", "PGSSLKEY")):
+        if params.get(opt):
+            env[var] = params[opt]
     return env
 
 

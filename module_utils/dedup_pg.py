@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import os
 import re
+import sys
 import time
 
 try:
@@ -31,6 +32,8 @@ MAX_IDENTIFIER_BYTES = 63
 SQL_LOOKING = (";", "--", "/*", "*/", "\n", "\r")
 SSL_MODES = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 APP_PREFIX = "dedup-rollout/"
+# Module option -> libpq keyword (and the PG* variable pg_dump gets) of the TLS files.
+SSL_FILES = (("ssl_rootcert", "sslrootcert"), ("ssl_cert", "sslcert"), ("ssl_key", "sslkey"))
 
 
 class DedupPgError(Exception):
@@ -98,6 +101,9 @@ def pg_common_argument_spec():
         login_password=dict(type="str", no_log=True, aliases=["password", "db_password"]),
         ssl_mode=dict(type="str", default="prefer", aliases=["sslmode"], choices=SSL_MODES),
         connect_timeout=dict(type="int", default=10),
+        ssl_rootcert=dict(type="path", aliases=["sslrootcert", "ca_cert"]),
+        ssl_cert=dict(type="path", aliases=["sslcert"]),
+        ssl_key=dict(type="path", aliases=["sslkey"], no_log=False),
     )
 
 
@@ -129,6 +135,9 @@ def conn_params(params):
         out["sslmode"] = params["ssl_mode"]
     if params.get("connect_timeout") is not None and int(params["connect_timeout"]) > 0:
         out["connect_timeout"] = int(params["connect_timeout"])
+    for opt, key in SSL_FILES:
+        if params.get(opt):
+            out[key] = params[opt]
     return out
 
 
@@ -142,6 +151,35 @@ def _where(kw):
     return where
 
 
+def describe_tls_error(low, kw):
+    """The certificate or TLS problem a libpq message (lower case) names, with what to set; None if not one."""
+    where = _where(kw)
+    mode = kw.get("sslmode") or "(PGSSLMODE)"
+    ca = kw.get("sslrootcert") or "(libpq default ~/.postgresql/root.crt / PGSSLROOTCERT)"
+    if "does not match host name" in low:
+        return (f"TLS: the server certificate of {where} does not name the host {kw.get('host')} "
+                f"(ssl_mode={mode} checks the name): set dedup_db_host (login_host) to a name the certificate "
+                "holds (CN or subjectAltName), or use ssl_mode verify-ca")
+    if "root certificate file" in low and ("does not exist" in low or "could not read" in low):
+        return (f"TLS: the CA certificate file {ca} is missing or unreadable (ssl_mode={mode} verifies the "
+                "server): set dedup_db_sslrootcert (ssl_rootcert) to the CA bundle of the server's certificate")
+    if "certificate verify failed" in low or "self-signed certificate" in low or "unable to get local issuer" in low:
+        return (f"TLS: the server certificate of {where} is not signed by the CA in {ca} (certificate verify "
+                f"failed, ssl_mode={mode}): set dedup_db_sslrootcert (ssl_rootcert) to the CA that issued the "
+                "server's certificate (RDS/Cloud SQL: the provider's CA bundle)")
+    if "certificate" in low and ("expired" in low or "not yet valid" in low):
+        return f"TLS: a certificate is expired or not yet valid ({where}, ssl_mode={mode})"
+    if "private key file" in low or "certificate file" in low:
+        return ("TLS: the client certificate or key cannot be used (check dedup_db_sslcert / dedup_db_sslkey "
+                "(ssl_cert / ssl_key): readable, the key 0600 and owned by the user running the module)")
+    if "server does not support ssl" in low:
+        return f"TLS: the server at {where} does not offer TLS but ssl_mode={mode} requires it"
+    if "no pg_hba.conf entry" in low and "no encryption" in low:
+        return (f"the server at {where} accepts this user/database only over TLS (hostssl) and "
+                f"ssl_mode={mode} did not use it: set dedup_db_sslmode to require, verify-ca or verify-full")
+    return None
+
+
 def describe_connect_error(exc, kw):
     """Turn a libpq connection failure into a sentence a DBA can act on (password scrubbed)."""
     secret = kw.get("password")
@@ -150,7 +188,10 @@ def describe_connect_error(exc, kw):
     where = _where(kw)
     user = kw.get("user") or "(default user / PGUSER)"
     db = kw.get("dbname") or "(default database / PGDATABASE)"
-    if "password authentication failed" in low or "authentication failed" in low:
+    tls = describe_tls_error(low, kw)
+    if tls:
+        head = tls
+    elif "password authentication failed" in low or "authentication failed" in low:
         head = (f"authentication failed for user {user} at {where}: wrong password or user "
                 "(check login_password, PGPASSWORD or ~/.pgpass)")
     elif "no password supplied" in low or "fe_sendauth" in low:
@@ -178,10 +219,19 @@ def describe_connect_error(exc, kw):
     return f"{head}. libpq said: {raw}"
 
 
+def missing_psycopg2_message(executable=None, error=None):
+    """What to install, and for which interpreter, when psycopg2 cannot be imported on the target."""
+    python = executable or sys.executable or "python3"
+    return (f"the python psycopg2 library is required on the target but {python} cannot import it "
+            f"({error or PSYCOPG2_IMPORT_ERROR}): install it for that interpreter, e.g. the OS package "
+            f"python3-psycopg2 (apt/dnf) when it is the system python, or `{python} -m pip install "
+            "psycopg2-binary`; or point ansible_python_interpreter at a python that has it")
+
+
 def connect(module, autocommit=False, application_name=None, readonly=False):
     """Connect with the module's connection options; fail_json with a readable, secret-free message."""
     if not HAS_PSYCOPG2:
-        module.fail_json(msg=f"the python psycopg2 library is required on the target: {PSYCOPG2_IMPORT_ERROR}")
+        module.fail_json(msg=missing_psycopg2_message())
     kw = conn_params(module.params)
     name = application_name or getattr(module, "_name", None) or "module"
     kw["application_name"] = (APP_PREFIX + str(name))[:63]

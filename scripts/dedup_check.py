@@ -198,6 +198,9 @@ def connect(cfg: dict):
     }
     if db.get("passfile"):
         kw["passfile"] = db["passfile"]
+    for key in ("sslrootcert", "sslcert", "sslkey"):  # TLS files as the deploy used them ("" = libpq default)
+        if db.get(key):
+            kw[key] = db[key]
     conn = psycopg2.connect(**{k: v for k, v in kw.items() if v is not None})
     return conn
 

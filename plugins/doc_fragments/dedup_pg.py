@@ -41,10 +41,31 @@ options:
     description: Seconds to wait for the connection (0 = wait forever).
     type: int
     default: 10
+  ssl_rootcert:
+    description:
+      - CA certificate file (PEM) that signed the server's certificate (libpq C(sslrootcert)); what
+        C(ssl_mode=verify-ca) and C(verify-full) check against. Unset means C(PGSSLROOTCERT) or
+        C(~/.postgresql/root.crt).
+    type: path
+    aliases: [sslrootcert, ca_cert]
+  ssl_cert:
+    description:
+      - Client certificate file (libpq C(sslcert)).
+      - Unset means C(PGSSLCERT) or C(~/.postgresql/postgresql.crt).
+    type: path
+    aliases: [sslcert]
+  ssl_key:
+    description:
+      - Private key of O(ssl_cert) (libpq C(sslkey)).
+      - Unset means C(PGSSLKEY) or C(~/.postgresql/postgresql.key).
+    type: path
+    aliases: [sslkey]
 notes:
   - Options left unset fall back to libpq's environment variables (C(PGHOST), C(PGPORT), C(PGDATABASE),
-    C(PGUSER), C(PGPASSWORD), C(PGSSLMODE)) and C(~/.pgpass), exactly as psql does.
+    C(PGUSER), C(PGPASSWORD), C(PGSSLMODE), C(PGSSLROOTCERT)) and C(~/.pgpass), exactly as psql does.
   - The password is never returned, logged or shown in an error message.
+  - pg_dump (module C(pg_dump_backup)) gets the same C(ssl_mode), C(connect_timeout) and TLS files, as
+    C(PGSSLMODE), C(PGCONNECT_TIMEOUT), C(PGSSLROOTCERT), C(PGSSLCERT) and C(PGSSLKEY).
 requirements:
   - psycopg2 on the host the module runs on
 """
