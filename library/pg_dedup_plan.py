@@ -121,6 +121,10 @@ slots:
   description: Logical replication slots of the database (name, plugin, active); null when they cannot be read.
   returned: success
   type: list
+slots_unknown:
+  description: Why C(slots) could not be read (the server's message), else null.
+  returned: success
+  type: str
 """
 
 import traceback
@@ -416,6 +420,32 @@ def _refusals(p, database, tables, slots, slots_unknown, owners):
     return refuse, warn
 
 
+def planning_failed(stage, error, p):
+    """What was being planned when an unexpected error came, and what to check; nothing was changed (read-only)."""
+    db = p.get("login_db") or "the database"
+    user = p.get("login_user") or "the connecting role"
+    if stage.startswith("table:"):
+        table = "%s.%s" % (p.get("schema"), stage[len("table:"):])
+        what = "reading the catalog and statistics of %s (columns, keys, triggers, sizes, duplicates)" % table
+        check = ("that %s can read %s (SELECT, USAGE on schema %s) and that its dedup_tables entry (natural_key, "
+                 "order_by) names columns of a plain table" % (user, table, p.get("schema")))
+    elif stage == "ledger":
+        what = "reading the ledger %s.runs / table_runs of earlier runs" % p.get("backup_schema")
+        check = ("that %s owns or can read schema %s (dedup_backup_schema), and that nothing else created tables "
+                 "of those names there" % (user, p.get("backup_schema")))
+    elif stage == "server":
+        what = "reading the server's settings (version, recovery, privileges, database size)"
+        check = "that %s may connect to %s and read pg_settings / pg_database" % (user, db)
+    elif stage == "neighbours":
+        what = "looking for logical replication slots, publications and the ledger's owner"
+        check = "that %s can read pg_replication_slots and pg_publication_tables (or run as the tables' owner)" % user
+    else:
+        what = "connecting"
+        check = "the dedup_db_* connection settings"
+    return ("planning the deploy failed while %s in %s: %s. Nothing was changed (planning only reads). Check %s; "
+            "then re-run." % (what, db, error, check))
+
+
 def main():
     argument_spec = pg_common_argument_spec()
     argument_spec.update(
@@ -433,13 +463,16 @@ def main():
     p = module.params
     if not p["tables"]:
         module.fail_json(msg="dedup_tables is empty: name at least one table and its natural key")
+    stage = "connecting"
     try:
         validate_identifier(p["schema"], "schema", module)
         validate_identifier(p["backup_schema"], "backup schema", module)
         conn = connect(module, autocommit=False, readonly=True)
         cur = conn.cursor()
+        stage = "server"
         server = _server(cur)
         server["dump_unreadable"] = dump_unreadable_of(cur, p["backup_schema"])
+        stage = "ledger"
         ledger, deploy_id, resumed = _ledger(cur, p["backup_schema"], p["run_id"], p["resume"])
         seen = set()
         tables = []
@@ -447,8 +480,10 @@ def main():
             if spec.get("name") in seen:
                 module.fail_json(msg='table "%s" is listed twice in dedup_tables' % spec.get("name"))
             seen.add(spec.get("name"))
+            stage = "table:%s" % spec.get("name")
             tables.append(_plan_table(module, cur, p["schema"], spec, p["strategy"], deploy_id,
                                       ledger["table_status"]))
+        stage = "neighbours"
         slots, slots_unknown = logical_slots(cur)
         ledger["owners"] = ledger_owners(cur, p["backup_schema"])
         refuse, warn = _refusals(p, server["database"], tables, slots, slots_unknown, ledger["owners"])
@@ -457,7 +492,7 @@ def main():
     except DedupPgError as exc:
         module.fail_json(msg=str(exc))
     except Exception as exc:  # noqa: BLE001 - report any driver error readably
-        module.fail_json(msg="planning failed: %s" % error_text(exc, module), exception=traceback.format_exc())
+        module.fail_json(msg=planning_failed(stage, error_text(exc, module), p), exception=traceback.format_exc())
     if p["check_neighbours"]:
         for w in warn:
             module.warn(w)
