@@ -22,10 +22,11 @@ demo: lab-up          ## lab up, run the whole runbook on it, print before/after
 	$(BIN)/ansible-playbook deploy_dedup.yml
 	@$(BIN)/python scripts/show_report.py --latest reports/lab
 
-lint: bootstrap       ## ruff, yamllint, ansible-lint (production profile)
+lint: bootstrap       ## ruff, yamllint, ansible-lint (production profile), ansible-test validate-modules
 	$(BIN)/ruff check .
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint --profile production
+	bash scripts/sanity.sh
 
 unit: bootstrap       ## pure-logic tests, no cluster: seconds, first
 	$(BIN)/pytest -q tests/unit

@@ -3,14 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import pwd
-import re
-import subprocess
-import tempfile
-
-from ansible.module_utils.basic import AnsibleModule
-
 DOCUMENTATION = r"""
 ---
 module: etl_cron
@@ -107,8 +99,19 @@ target:
   description: C(crontab of USER) or the cron file path.
   returned: always
   type: str
+exists:
+  description: Whether the crontab or cron file existed before the change.
+  returned: always
+  type: bool
 """
 
+import os
+import pwd
+import re
+import subprocess
+import tempfile
+
+from ansible.module_utils.basic import AnsibleModule
 
 ENV_RE = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*\s*=")
 USER_JOB_RE = re.compile(r"^\s*(?:@\w+|\S+\s+\S+\s+\S+\s+\S+\s+\S+)\s+(?P<cmd>.*)$")

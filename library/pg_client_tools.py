@@ -92,7 +92,7 @@ pg_dump:
     path: {description: Path of the executable., type: str}
     version: {description: Its C(--version) output., type: str}
     major: {description: Its major version., type: str}
-    source: {description: Where it was found (the variable, PATH, preflight_pg_bin_dirs, usual directory)., type: str}
+    source: {description: "Where it was found: the variable, PATH, preflight_pg_bin_dirs, a usual dir.", type: str}
   sample: {path: /usr/lib/postgresql/18/bin/pg_dump, version: pg_dump (PostgreSQL) 18.1, major: "18", source: PATH}
 pg_restore:
   description: The pg_restore picked, like C(pg_dump).

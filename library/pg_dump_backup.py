@@ -137,6 +137,11 @@ verified_entries:
   description: Table-of-contents entries of the verified dump.
   returned: action=dump, not in check mode
   type: int
+argv:
+  description: The pg_dump command line that was run (no password in it; that is passed in C(PGPASSWORD)).
+  returned: action=dump, not in check mode
+  type: list
+  elements: str
 removed_partials:
   description: C(<path>.partial-*) left by killed runs, removed (check mode, would be removed).
   returned: action=dump

@@ -3,20 +3,6 @@
 
 from __future__ import annotations
 
-import time
-
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.dedup_pg import (
-    check_columns,
-    connect,
-    error_text,
-    get_table,
-    pg_common_argument_spec,
-    qualified,
-    sql,
-    validate_identifier,
-)
-
 DOCUMENTATION = r"""
 ---
 module: pg_duplicates
@@ -147,12 +133,30 @@ totals:
   description: Sums over all tables of the counters above, plus C(tables) and C(seconds).
   returned: success
   type: dict
+nulls:
+  description: How NULL key values are grouped, always C(not distinct) (as C(UNIQUE NULLS NOT DISTINCT) would).
+  returned: success
+  type: str
+  sample: not distinct
 changed:
   description: Always false.
   returned: always
   type: bool
 """
 
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_pg import (
+    check_columns,
+    connect,
+    error_text,
+    get_table,
+    pg_common_argument_spec,
+    qualified,
+    sql,
+    validate_identifier,
+)
 
 COUNTERS = ("total_rows", "distinct_keys", "duplicate_rows", "duplicate_groups", "null_key_rows",
             "divergent_groups", "divergent_rows")

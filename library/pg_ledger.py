@@ -70,6 +70,14 @@ tables:
   description: Table rows of C(run_id) (action=read).
   returned: when action=read
   type: list
+before:
+  description: The run row (action=run) or table row (action=table) before the change, as JSON; null when new.
+  returned: when action=run or action=table
+  type: dict
+after:
+  description: The same row after the change (as it would be, in check mode).
+  returned: when action=run or action=table
+  type: dict
 """
 
 import json

@@ -51,6 +51,10 @@ running:
   description: Whether the migration's session was found busy with the table.
   returned: always
   type: bool
+pid:
+  description: Backend pid of the migration's session.
+  returned: when running
+  type: int
 step:
   description: Name of the current step (see sql/migrate_table.sql.j2), C(retry_wait) between attempts.
   returned: when running

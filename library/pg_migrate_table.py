@@ -96,6 +96,11 @@ seconds:
   description: Wall time including retries and maintenance.
   returned: always
   type: float
+size_after:
+  description: Total size of the table after the migration (indexes and TOAST included; summed over the
+    partitions of a partitioned table), bytes.
+  returned: success
+  type: int
 """
 
 import time

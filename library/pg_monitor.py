@@ -102,6 +102,10 @@ ledger_exists:
   description: Whether the ledger (runs, table_runs) exists (action=status).
   returned: action=status
   type: bool
+checks_table:
+  description: Whether the table of monitoring checks (monitor_checks) exists (action=status).
+  returned: action=status
+  type: bool
 deploy:
   description:
     - The deploy's ledger row (run_id, status, environment, started_at, finished_at in ISO 8601 UTC, ...), or null.

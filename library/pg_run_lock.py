@@ -54,13 +54,20 @@ holder_pid:
   description: Pid of the holder process.
   returned: state=held
   type: int
+watching_pid:
+  description: Pid of the process whose end releases the lock (see C(description)), or null.
+  returned: state=held
+  type: int
+lock_key:
+  description: The advisory lock key (bigint) derived from C(name) and the database name.
+  returned: state=held
+  type: int
 """
 
 import hashlib
 import json
 import os
 import signal
-import sys
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -229,4 +236,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

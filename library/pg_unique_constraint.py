@@ -3,25 +3,6 @@
 
 from __future__ import annotations
 
-import time
-
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.dedup_pg import (
-    check_columns,
-    connect,
-    error_text,
-    find_equivalent_unique,
-    fit_name,
-    get_table,
-    lock_holders,
-    pg_common_argument_spec,
-    psycopg2,
-    qualified,
-    server_version_num,
-    sql,
-    validate_identifier,
-)
-
 DOCUMENTATION = r"""
 ---
 module: pg_unique_constraint
@@ -159,6 +140,24 @@ duplicates:
   type: dict
 """
 
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_pg import (
+    check_columns,
+    connect,
+    error_text,
+    find_equivalent_unique,
+    fit_name,
+    get_table,
+    lock_holders,
+    pg_common_argument_spec,
+    psycopg2,
+    qualified,
+    server_version_num,
+    sql,
+    validate_identifier,
+)
 
 LOCK_NOT_AVAILABLE = "55P03"
 UNIQUE_VIOLATION = "23505"

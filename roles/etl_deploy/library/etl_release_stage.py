@@ -3,19 +3,6 @@
 
 from __future__ import annotations
 
-import ast
-import fnmatch
-import hashlib
-import json
-import os
-import re
-import shutil
-import stat
-import tarfile
-import tempfile
-
-from ansible.module_utils.basic import AnsibleModule
-
 DOCUMENTATION = r"""
 ---
 module: etl_release_stage
@@ -116,6 +103,18 @@ scanned:
   type: list
 """
 
+import ast
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+
+from ansible.module_utils.basic import AnsibleModule
 
 BUG_RE = re.compile(r"ON\s+CONFLICT\s+DO\s+NOTHING", re.I)
 INSERT_RE = re.compile(r"INSERT\s+INTO\s+((?:\"[^\"]+\"|[\w{}%.\[\]'\"$-])+)", re.I)
@@ -305,7 +304,7 @@ def main() -> None:
         argument_spec=dict(
             src=dict(type="path", required=True),
             dest=dict(type="path", required=True),
-            natural_keys=dict(type="dict", default={}),
+            natural_keys=dict(type="dict", default={}, no_log=False),  # table -> key columns, not a secret
             natural_keys_file=dict(type="str", default="natural_keys.json"),
             tables=dict(type="list", elements="str", default=[]),
             exclude=dict(type="list", elements="str", default=[".git", "__pycache__", "*.pyc",
