@@ -8,19 +8,33 @@ with the module's own result, exactly as if it had run in the foreground. Withou
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import time
+from pathlib import Path
 
+import yaml
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 from ansible.utils.vars import merge_hash
 
 display = Display()
 
-# Options of pg_migrate_table that are not connection options (everything else is passed to the progress module).
-OWN = {"sql", "schema", "table", "strategy", "retries", "retry_delay", "run_id", "run_lock_id",
-       "progress_interval", "progress_timeout"}
+FRAGMENT = Path(__file__).resolve().parents[1] / "doc_fragments" / "dedup_pg.py"
 ASYNC_KEYS = ("ansible_job_id", "started", "finished", "results_file", "stdout", "stderr", "stdout_lines",
               "stderr_lines", "erased")
+
+
+@functools.lru_cache(maxsize=1)
+def connection_options() -> frozenset:
+    """Names and aliases of the connection options every DB module takes, pg_migrate_table's among them: the
+    options of the doc fragment dedup_pg (plugins/doc_fragments, beside this plugin; validate-modules checks it
+    against module_utils/dedup_pg.py's pg_common_argument_spec()). Only these go on to pg_migrate_progress."""
+    spec = importlib.util.spec_from_file_location("dedup_pg_doc_fragment", FRAGMENT)
+    fragment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fragment)
+    options = yaml.safe_load(fragment.ModuleDocFragment.DOCUMENTATION)["options"]
+    return frozenset(list(options) + [alias for doc in options.values() for alias in doc.get("aliases", [])])
 
 
 class ActionModule(ActionBase):
@@ -46,7 +60,7 @@ class ActionModule(ActionBase):
             return merge_hash(result, started)
         jid = started["ansible_job_id"]
         async_dir = self._remote_expand_user(self.get_shell_option("async_dir", default="~/.ansible_async"))
-        progress_args = {k: v for k, v in args.items() if k not in OWN}
+        progress_args = {k: v for k, v in args.items() if k in connection_options()}
         progress_args.update(run_id=args.get("run_id") or "", schema=args["schema"], table=args["table"],
                              wait=interval)
         host = task_vars.get("inventory_hostname", "?") if task_vars else "?"
