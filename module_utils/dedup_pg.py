@@ -15,6 +15,8 @@ import re
 import sys
 import time
 
+from ansible.module_utils.dedup_ident import MAX_IDENTIFIER_BYTES, SQL_LOOKING, identifier_problem  # noqa: F401
+
 try:
     import psycopg2
     import psycopg2.errors  # noqa: F401  (exposes psycopg2.errors.* lookups)
@@ -28,8 +30,6 @@ except ImportError as exc:  # pragma: no cover - exercised only on hosts without
     HAS_PSYCOPG2 = False
     PSYCOPG2_IMPORT_ERROR = exc
 
-MAX_IDENTIFIER_BYTES = 63
-SQL_LOOKING = (";", "--", "/*", "*/", "\n", "\r")
 SSL_MODES = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 APP_PREFIX = "dedup-rollout/"
 # Module option -> libpq keyword (and the PG* variable pg_dump gets) of the TLS files.
@@ -271,20 +271,22 @@ def _fail(module, msg):
 def validate_identifier(name, what, module=None):
     """Refuse names that cannot be PostgreSQL identifiers or look like SQL; return the name unchanged.
 
-    Quotes, spaces, upper case and reserved words are legal: they are quoted with sql.Identifier.
+    Quotes, spaces, upper case and reserved words are legal: they are quoted with sql.Identifier. The rule is
+    module_utils/dedup_ident.py's (shared with the pg_ident filter); the messages are these.
     """
-    if not isinstance(name, str) or name == "":
+    problem = identifier_problem(name)
+    if problem is None:
+        return name
+    reason, detail = problem
+    if reason == "empty":
         return _fail(module, f"{what} name is empty or not a string: {name!r}")
-    if "\x00" in name:
+    if reason == "nul":
         return _fail(module, f"{what} name {name!r} contains a NUL byte")
-    for token in SQL_LOOKING:
-        if token in name:
-            return _fail(module, f"{what} name {name!r} looks like SQL (contains {token!r}): refused; "
-                                 f"give the plain name of the {what} as it appears in the catalog")
-    if len(name.encode("utf-8")) > MAX_IDENTIFIER_BYTES:
-        return _fail(module, f"{what} name {name!r} is longer than PostgreSQL's "
-                             f"{MAX_IDENTIFIER_BYTES}-byte identifier limit")
-    return name
+    if reason == "sql":
+        return _fail(module, f"{what} name {name!r} looks like SQL (contains {detail!r}): refused; "
+                             f"give the plain name of the {what} as it appears in the catalog")
+    return _fail(module, f"{what} name {name!r} is longer than PostgreSQL's "
+                         f"{MAX_IDENTIFIER_BYTES}-byte identifier limit")
 
 
 def qualified(schema, table):

@@ -7,21 +7,29 @@ Literals are quoted like ``psycopg2.sql.Literal`` for strings (standard_conformi
 
 from __future__ import annotations
 
-import re
+import importlib.util
 from pathlib import Path
 
 from ansible.errors import AnsibleFilterError
 
-_SQLISH = re.compile(r";|--|/\*|\*/|[\x00\r\n]")
+# The identifier rule is module_utils/dedup_ident.py's, the one the modules apply (validate_identifier). A
+# controller-side plugin cannot import the project's module_utils as ansible.module_utils.* (that path exists
+# only inside a module's payload), so the file is loaded by its path in this checkout.
+_spec = importlib.util.spec_from_file_location(
+    "dedup_rollout_ident", Path(__file__).resolve().parents[2] / "module_utils" / "dedup_ident.py")
+_ident = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ident)
 
 
 def pg_ident(name, what="identifier"):
     """Validate and double-quote one identifier."""
-    if not isinstance(name, str) or name == "":
-        raise AnsibleFilterError(f"dedup: empty or non-string {what}: {name!r}")
-    if len(name.encode()) > 63:
-        raise AnsibleFilterError(f"dedup: {what} {name!r} is longer than PostgreSQL's 63-byte limit")
-    if _SQLISH.search(name):
+    problem = _ident.identifier_problem(name)
+    if problem is not None:
+        if problem[0] == "empty":
+            raise AnsibleFilterError(f"dedup: empty or non-string {what}: {name!r}")
+        if problem[0] == "long":
+            raise AnsibleFilterError(f"dedup: {what} {name!r} is longer than PostgreSQL's "
+                                     f"{_ident.MAX_IDENTIFIER_BYTES}-byte limit")
         raise AnsibleFilterError(
             f"dedup: {what} {name!r} looks like SQL (contains ; -- /* */ or a control character); refused"
         )
