@@ -11,8 +11,12 @@ description:
   - C(state=held) starts a small detached holder process on the target that connects to the database and
     takes C(pg_try_advisory_lock) on a key derived from C(name). If another session holds it, the module
     fails at once naming that session (application name, pid, since when).
-  - The holder keeps the lock until C(state=released), until the C(ansible-playbook) process that started
-    it is gone (when the play runs on the same machine, e.g. a killed play), or until C(max_seconds).
+  - The holder keeps the lock until C(state=released), until the play that started it is gone, or until
+    C(max_seconds). "The play" is the C(ansible-playbook) process that started the module when the play runs
+    on the same machine (connection local), else the C(sshd) process of the SSH connection the module came
+    through (the session's C(sshd) child, shared by the tasks of a multiplexed ControlMaster connection) - a
+    killed controller, a lost connection (sshd C(ClientAliveInterval)) or the end of the ControlPersist time
+    after the last task ends it. Its start time is checked too, so a reused pid does not count.
   - Because an advisory lock lives with its session, a crashed holder never leaves a stale lock behind.
 version_added: "1.0.0"
 author: dedup-rollout
@@ -62,6 +66,10 @@ lock_key:
   description: The advisory lock key (bigint) derived from C(name) and the database name.
   returned: state=held
   type: int
+watching:
+  description: What the holder watches (kind ansible-playbook or sshd, pid, command line); null when nothing was found.
+  returned: state=held
+  type: dict
 """
 
 import hashlib
@@ -88,21 +96,36 @@ def lock_key(name, dbname):
     return int.from_bytes(hashlib.sha256(("%s/%s" % (name, dbname)).encode()).digest()[:8], "big", signed=True)
 
 
-def controller_pid():
-    """The top-most ansible-playbook ancestor of this process (only exists when the play runs locally)."""
+def proc_info(pid):
+    """(parent pid, start time in clock ticks, comm, command line) of ``pid``, None when it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            head, rest = fh.read().rsplit(")", 1)
+        with open("/proc/%d/cmdline" % pid, "rb") as fh:
+            cmd = fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except (OSError, ValueError):
+        return None
+    fields = rest.split()
+    return int(fields[1]), int(fields[19]), head.split("(", 1)[1], cmd
+
+
+def play_anchor():
+    """The process whose life is the play's, as seen from this module: the top-most ansible-playbook ancestor
+    (the play runs on this machine), else the nearest sshd ancestor (the SSH connection the module came through:
+    sudo/su and the shells between are skipped). A dict kind/pid/start/cmd, or None (another connection type)."""
     pid, found = os.getppid(), None
     for _ in range(40):
         if pid <= 1:
             break
-        try:
-            with open("/proc/%d/cmdline" % pid, "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ")
-            with open("/proc/%d/stat" % pid) as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
+        info = proc_info(pid)
+        if info is None:
             break
-        if b"ansible-playbook" in cmd or b"ansible " in cmd:
-            found = pid
+        ppid, start, comm, cmd = info
+        if "ansible-playbook" in cmd or "ansible " in cmd:
+            found = {"kind": "ansible-playbook", "pid": pid, "start": start, "cmd": cmd[:200]}
+        elif comm in ("sshd", "sshd-session"):
+            # The SSH connection: what is above it is this machine's own process tree, not the play.
+            return found or {"kind": "sshd", "pid": pid, "start": start, "cmd": cmd[:200]}
         pid = ppid
     return found
 
@@ -115,6 +138,12 @@ def alive(pid):
         return False
     except PermissionError:
         return True
+
+
+def anchor_alive(anchor):
+    """Whether the watched process still runs (same pid AND same start time: a reused pid does not count)."""
+    info = proc_info(anchor["pid"])
+    return info is not None and info[1] == anchor["start"]
 
 
 def holder(kw, key, run_id, watch, max_seconds, pidfile, wfd):
@@ -142,7 +171,7 @@ def holder(kw, key, run_id, watch, max_seconds, pidfile, wfd):
         deadline = time.time() + max_seconds
         stop = {"flag": False}
         signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
-        while not stop["flag"] and time.time() < deadline and (watch is None or alive(watch)):
+        while not stop["flag"] and time.time() < deadline and (watch is None or anchor_alive(watch)):
             time.sleep(1)
             cur.execute("SELECT 1")
         conn.close()
@@ -197,7 +226,7 @@ def main():
     if psycopg2 is None:
         module.fail_json(msg="the python psycopg2 library is required on the target")
     kw["application_name"] = run_lock_app_name(p["run_id"])
-    watch = controller_pid()
+    watch = play_anchor()
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: detach completely, then hold the lock
@@ -225,8 +254,11 @@ def main():
         res = {}
     if res.get("ok"):
         # In check mode the lock is still taken: it changes nothing and keeps a real run out meanwhile.
-        module.exit_json(changed=False, holder_pid=res["pid"], watching_pid=watch, lock_key=key,
-                         msg="deploy lock held by pid %d" % res["pid"])
+        module.exit_json(changed=False, holder_pid=res["pid"], watching=watch, lock_key=key,
+                         watching_pid=watch["pid"] if watch else None,
+                         msg="deploy lock held by pid %d until %s" % (
+                             res["pid"], "%s pid %d is gone" % (watch["kind"], watch["pid"]) if watch
+                             else "released or %d s passed" % p["max_seconds"]))
     if res.get("holders") is not None:
         who = "; ".join("pid %s (%s%s, connected since %s)" % (r[0], r[1], " from " + r[2] if r[2] else "", r[3])
                         for r in res["holders"]) or "an unknown session"

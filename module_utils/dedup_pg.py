@@ -73,7 +73,11 @@ def run_lock_alive(cur, run_id):
 class PlayWatch:
     """Tells a long-running module that the play which started it is gone (killed): its parent process changed
     (local runs) or the session of its pg_run_lock holder (``run_lock_id``) left, looked up at most every
-    ``every`` seconds. A killed play's module must not go on changing tables behind a re-run or a rollback."""
+    ``every`` seconds. A killed play's module must not go on changing tables behind a re-run or a rollback.
+
+    Over SSH the module's parent (the shell under sudo/su) outlives a killed controller, so the holder is what
+    tells: it follows the sshd process of the play's SSH connection and lets the lock go when that connection
+    closes (docs/operations.md, "The run lock over SSH")."""
 
     def __init__(self, run_lock_id, every=2.0):
         self.parent = os.getppid()
