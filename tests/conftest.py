@@ -20,6 +20,7 @@ pytest_plugins = ["labkit"]
 LONGEST_FIRST = [
     "test_deploy.py", "test_rollback.py", "test_kill_rollback.py", "test_kill_deploy.py",  # 470 340 155 295
     "test_faults.py", "test_online.py",
+    "test_ssh.py",  # added 2026-11-30: 590 s alone (chain 340 s + kill 250 s, under load from other runs)
     # added 2026-11-30, seconds measured alone: 220 200 175 150 110 100
     "test_operator.py", "test_versions.py", "test_shapes.py", "test_backup_dump.py", "test_preflight_neighbours.py",
     "test_settings.py",
