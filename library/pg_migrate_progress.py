@@ -1,13 +1,22 @@
 #!/usr/bin/python
-"""Where a running pg_migrate_table is: its step, for how long, what it waits for, index build progress."""
+"""Where a long-running task is: a table migration, a pg_dump, a unique index build or a rollback's restore."""
 
 from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
 module: pg_migrate_progress
-short_description: Report the progress of a table migration that runs in the background
+short_description: Report the progress of a migration, dump, index build or restore that runs in the background
 description:
+  - The reader of the shared progress mechanism (plugins/action/dedup_progress.py); C(kind) says what to look at.
+  - C(kind=dump) - the pg_dump of C(pg_dump_backup) writing C(<path>.partial-*) - bytes written so far against
+    C(estimate_bytes), and whether pg_dump's session waits for a lock (and who holds it); once pg_dump is done,
+    that the archive is being read back.
+  - C(kind=index) - the UNIQUE index build of C(pg_unique_constraint) on C(schema.table) - phase, blocks and tuples
+    from C(pg_stat_progress_create_index), or the lock its DDL waits for.
+  - C(kind=restore) - C(pg_restore_rows) on C(schema.table) - rows read from the dump so far
+    (C(pg_stat_progress_copy)), or the insert of the removed rows and how long it runs, and lock waits.
+  - C(kind=migrate) (the default), as follows.
   - Looks in C(pg_stat_activity) for the session of C(pg_migrate_table) working on C(schema.table) for C(run_id)
     (it sends every statement with a leading comment naming run, table, step and attempt), and reports its step,
     the seconds spent in the step and in the transaction, what it waits for (a lock, and the sessions holding
@@ -18,18 +27,32 @@ version_added: "1.0.0"
 author: dedup-rollout
 extends_documentation_fragment: [dedup_pg]
 options:
+  kind:
+    description: What runs in the background.
+    type: str
+    choices: [migrate, dump, index, restore]
+    default: migrate
   run_id:
-    description: The run id the migration was started with.
+    description: The run id the migration was started with (C(kind=migrate)).
     type: str
-    required: true
+    default: ""
   schema:
-    description: Schema of the table.
+    description: Schema of the table (all kinds but C(dump)).
     type: str
-    required: true
   table:
-    description: The table.
+    description: The table (all kinds but C(dump)).
     type: str
-    required: true
+  path:
+    description: Final path of the dump; its C(.partial-*) files are measured (C(kind=dump)).
+    type: path
+  estimate_bytes:
+    description: Expected size of the dump, for a percentage (0 = unknown) (C(kind=dump)).
+    type: int
+    default: 0
+  rows:
+    description: Rows the restore puts back (-1 = unknown) (C(kind=restore)).
+    type: int
+    default: -1
   wait:
     description: Seconds to wait before reporting (early when the session is gone).
     type: float
@@ -83,16 +106,36 @@ server_progress:
   description: Row of C(pg_stat_progress_create_index) or C(pg_stat_progress_cluster) for the session, if any.
   returned: when running
   type: dict
+kind:
+  description: What was looked at (C(dump), C(index), C(restore); absent for C(migrate)).
+  returned: when kind is not migrate
+  type: str
+bytes_written:
+  description: Bytes of the dump's partial file (or directory) so far.
+  returned: when kind is dump and running
+  type: int
+partial:
+  description: Path of the partial dump being written.
+  returned: when kind is dump and running
+  type: str
+rows_read:
+  description: Rows read from the dump so far (C(pg_stat_progress_copy)), or null outside that phase.
+  returned: when kind is restore and running
+  type: int
 msg:
   description: One readable line.
   returned: always
   type: str
 """
 
+import contextlib
+import glob
+import os
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.dedup_pg import connect, pg_common_argument_spec
+from ansible.module_utils.dedup_dump import PARTIAL
+from ansible.module_utils.dedup_pg import APP_PREFIX, connect, pg_common_argument_spec
 from ansible.module_utils.dedup_plan import MARKER_PREFIX, STEP_TEXT, parse_marker
 
 ACTIVITY = """
@@ -160,17 +203,175 @@ def describe(p, found, extra):
     return line
 
 
+# --------------------------------------------------------------------------- dump, index, restore
+
+
+def human(n):
+    n = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return ("%.0f %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
+    return "%.1f TB" % n
+
+
+def written(path):
+    """Bytes of the newest ``<path>.partial-*`` (a file, or a directory's files), and its name; (None, None)."""
+    cands = [c for c in glob.glob(glob.escape(path) + PARTIAL + "*") if os.path.lexists(c)]
+    if not cands:
+        return None, None
+    newest = max(cands, key=lambda c: os.lstat(c).st_mtime)
+    if os.path.isdir(newest):
+        total = 0
+        for root, _dirs, names in os.walk(newest):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(root, name)).st_size
+        return total, newest
+    try:
+        return os.lstat(newest).st_size, newest
+    except OSError:
+        return None, None
+
+
+SESSIONS = """
+SELECT a.pid, a.state, a.wait_event_type, a.wait_event, pg_catalog.pg_blocking_pids(a.pid),
+       round(extract(epoch FROM now() - a.query_start)::numeric, 1)::float8, left(a.query, 200)
+FROM pg_catalog.pg_stat_activity a
+WHERE a.datname = current_database() AND a.pid <> pg_catalog.pg_backend_pid() AND a.application_name = %s
+  AND a.state <> 'idle'
+ORDER BY a.backend_start
+"""
+
+
+def sessions(cur, app):
+    cur.execute(SESSIONS, (APP_PREFIX + app,))
+    return [{"pid": r[0], "state": r[1], "wait_event_type": r[2], "wait_event": r[3], "blockers": list(r[4] or []),
+             "seconds": r[5], "query": r[6] or ""} for r in cur.fetchall()]
+
+
+def lock_text(found):
+    for s in found:
+        if s["wait_event_type"] == "Lock":
+            return "; waiting for a lock (%s) held by pid(s) %s" % (
+                s["wait_event"], ", ".join(str(b) for b in s["blockers"]) or "?")
+    return ""
+
+
+def dump_progress(cur, p):
+    size, partial = written(p["path"])
+    found = sessions(cur, "pg_dump")
+    if partial is None and not found:
+        return None
+    done = "%s written" % human(size or 0)
+    if p["estimate_bytes"] > 0:
+        done += " of ~%s estimated (%.0f%%)" % (human(p["estimate_bytes"]), 100.0 * (size or 0) / p["estimate_bytes"])
+    db = cur.connection.get_dsn_parameters().get("dbname", "?")
+    if found:
+        line = "pg_dump of %s: %s into %s" % (db, done, partial or p["path"] + PARTIAL + "*")
+        line += lock_text(found)
+    else:
+        line = "pg_dump of %s done (%s); reading the archive back whole to verify it" % (db, human(size or 0))
+    return {"msg": line, "bytes_written": size or 0, "estimate_bytes": p["estimate_bytes"], "partial": partial,
+            "sessions": [s["pid"] for s in found]}
+
+
+INDEX_PROGRESS = """
+SELECT pid, phase, blocks_done, blocks_total, tuples_done, tuples_total, lockers_done, lockers_total
+FROM pg_catalog.pg_stat_progress_create_index
+WHERE datname = current_database() AND relid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+"""
+
+
+def index_progress(cur, p):
+    where = "%s.%s" % (p["schema"], p["table"])
+    cur.execute(INDEX_PROGRESS, (p["schema"], p["table"]))
+    row = cur.fetchone()
+    found = sessions(cur, "pg_unique_constraint")
+    if row:
+        pid, phase, bdone, btotal, tdone, ttotal, ldone, ltotal = row
+        line = "%s: UNIQUE index build: %s" % (where, phase)
+        if btotal:
+            line += ", blocks %d of %d (%.0f%%)" % (bdone, btotal, 100.0 * bdone / btotal)
+        if ttotal:
+            line += ", tuples %d of %d" % (tdone, ttotal)
+        if ltotal:
+            line += ", waited for %d of %d older transactions" % (ldone, ltotal)
+        mine = [s for s in found if s["pid"] == pid]
+        line += lock_text(mine)
+        return {"msg": line, "server_progress": {"phase": phase, "blocks_done": bdone, "blocks_total": btotal,
+                                                 "tuples_done": tdone, "tuples_total": ttotal}, "pid": pid}
+    if found:
+        s = found[0]
+        return {"msg": "%s: constraint DDL running %.1f s%s" % (where, s["seconds"] or 0, lock_text(found) or
+                                                               " (" + " ".join(s["query"].split())[:80] + ")"),
+                "pid": s["pid"]}
+    return None
+
+
+def restore_progress(cur, p):
+    where = "%s.%s" % (p["schema"], p["table"])
+    found = sessions(cur, "pg_restore_rows")
+    if not found:
+        return None
+    s = found[0]
+    expect = " of %d" % p["rows"] if p["rows"] >= 0 else ""
+    copied = None
+    with contextlib.suppress(Exception):  # pg_stat_progress_copy: PostgreSQL 14+
+        cur.execute("SELECT tuples_processed, bytes_processed FROM pg_catalog.pg_stat_progress_copy WHERE pid = %s",
+                    (s["pid"],))
+        copied = cur.fetchone()
+    q = s["query"].lstrip().upper()
+    if copied:
+        line = "%s: reading the table's rows from the dump: %d rows, %s so far" % (where, copied[0], human(copied[1]))
+    elif q.startswith("INSERT"):
+        line = "%s: putting back the removed rows%s: the insert has run %.1f s" % (where, expect, s["seconds"] or 0)
+    else:
+        line = "%s: restoring%s rows, %s (%.1f s)" % (where, expect, " ".join(q.split())[:60].lower() or "working",
+                                                      s["seconds"] or 0)
+    return {"msg": line + lock_text(found), "pid": s["pid"], "rows_read": copied[0] if copied else None}
+
+
+READERS = {"dump": dump_progress, "index": index_progress, "restore": restore_progress}
+
+
+def other_kind(module, conn, p):
+    if p["kind"] == "dump" and not p["path"]:
+        module.fail_json(msg="kind=dump needs path (the dump's final path)")
+    if p["kind"] != "dump" and not (p["schema"] and p["table"]):
+        module.fail_json(msg="kind=%s needs schema and table" % p["kind"])
+    deadline = time.monotonic() + max(0.0, p["wait"])
+    with conn.cursor() as cur:
+        while True:
+            out = READERS[p["kind"]](cur, p)
+            if out is None or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    conn.close()
+    if out is None:
+        module.exit_json(changed=False, running=False, kind=p["kind"], msg="%s: nothing running now" % p["kind"])
+    module.exit_json(changed=False, running=True, kind=p["kind"], **out)
+
+
 def main():
     argument_spec = pg_common_argument_spec()
     argument_spec.update(
-        run_id=dict(type="str", required=True),
-        schema=dict(type="str", required=True),
-        table=dict(type="str", required=True),
+        kind=dict(type="str", default="migrate", choices=["migrate", "dump", "index", "restore"]),
+        run_id=dict(type="str", default=""),
+        schema=dict(type="str"),
+        table=dict(type="str"),
+        path=dict(type="path"),
+        estimate_bytes=dict(type="int", default=0),
+        rows=dict(type="int", default=-1),
         wait=dict(type="float", default=10.0),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     p = module.params
     conn = connect(module, autocommit=True, application_name="progress", readonly=True)
+    if p["kind"] != "migrate":
+        other_kind(module, conn, p)
+    if not (p["run_id"] and p["schema"] and p["table"]):
+        module.fail_json(msg="kind=migrate needs run_id, schema and table")
     deadline = time.monotonic() + max(0.0, p["wait"])
     found = None
     with conn.cursor() as cur:
