@@ -112,7 +112,8 @@ def test_plan_refuses_missing_schema_fk_target_partitioned_and_inherited(lab):
          'schema "no_such_schema" does not exist in database'),
         ("breezeway", {"name": "tasks", "natural_key": ["region_code", "source_id"]},
          'table "breezeway"."tasks" is referenced by foreign keys of other tables'),
-        ("breezeway", {"name": "part_t", "natural_key": ["k"], "order_by": "id"}, "is a partitioned table"),
+        # a partitioned table is planned when its key holds the partition key (tests/test_shapes.py), not otherwise
+        ("breezeway", {"name": "part_t", "natural_key": ["id"], "order_by": "id"}, "does not contain k"),
         ("breezeway", {"name": "part_t_1", "natural_key": ["k"], "order_by": "id"}, "is a partition of"),
         ("breezeway", {"name": "inh_parent", "natural_key": ["k"]}, "takes part in table inheritance"),
         ("breezeway", {"name": "inh_child", "natural_key": ["k"]}, "takes part in table inheritance"),
