@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -13,29 +14,73 @@ os.environ.setdefault("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))
 
 pytest_plugins = ["labkit"]
 
-# The long files first (seconds per file measured 2026-11-26 after the first four). With ``-n 2 --dist loadfile
-# --no-loadscope-reorder`` (the Makefile) pytest-xdist hands out files in this order: one each, one more each,
-# then the next file to whichever worker runs short. So the first four split 625 s / 635 s, and the rest go
-# longest first.
-LONGEST_FIRST = [
-    "test_deploy.py", "test_rollback.py", "test_kill_rollback.py", "test_kill_deploy.py",  # 470 340 155 295
-    "test_faults.py", "test_online.py",
-    "test_ssh.py",  # added 2026-11-30: 590 s alone (chain 340 s + kill 250 s, under load from other runs)
-    "test_tags.py",  # added 2026-11-30 (issue 18), seconds alone incl. the lab template: 270
-    # added 2026-11-30, seconds measured alone: 220 200 175 150 110 100
-    "test_operator.py", "test_versions.py", "test_shapes.py", "test_backup_dump.py", "test_preflight_neighbours.py",
-    "test_settings.py",
-    "test_faults_backup.py", "test_etl_roles.py", "test_monitor.py",
-    "test_progress.py",  # added 2026-11-30 (issue 18): 100 s alone incl. the lab template
-    "test_lab.py", "test_cleanup.py", "test_load.py", "test_security.py", "test_bad_input.py",
-    "test_tls.py",  # added 2026-11-30 (issue 18): 55 s alone (its own TLS cluster)
-    "test_bench_smoke.py", "test_etl.py",
-]
+# Files run longest first: ``-n 2 --dist loadfile --no-loadscope-reorder`` (the Makefile) hands them out in
+# collection order, one each, then the next to whichever worker runs short, so the long ones must not come last.
+# "Longest" is measured, not kept by hand: every run adds up each file's setup + call + teardown seconds and
+# writes them to tests/durations.json (files that ran completely only). A file not measured yet goes first
+# (assumed long), so a new test file never ends up alone at the end of the run.
+DURATIONS = REPO / "tests" / "durations.json"
+
+
+def _durations() -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
+    known = _durations()
+    items.sort(key=lambda item: -known.get(_file(item.nodeid), float("inf")))  # stable: the order within a file stays
+    _expect(config, [item.nodeid for item in items])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Under xdist the controller collects nothing itself: the workers' (identical) lists say what will run."""
+    _expect(node.config, ids)
+
+
+def _file(nodeid: str) -> str:
+    """The test file of a node id, as pytest names it (relative to the rootdir: tests/test_x.py)."""
+    return nodeid.split("::", 1)[0]
+
+
+def _expect(config, nodeids) -> None:
+    counts: dict[str, int] = {}
+    for nodeid in nodeids:
+        counts[_file(nodeid)] = counts.get(_file(nodeid), 0) + 1
+    config._dedup_expected = counts
+
+
+def pytest_runtest_logreport(report):
+    """Add up each file's seconds (on the controller, xdist workers' reports included)."""
+    name = _file(report.nodeid)
+    _SEEN.setdefault(name, [0.0, set()])
+    _SEEN[name][0] += report.duration
+    if report.when == "teardown":
+        _SEEN[name][1].add(report.nodeid)
+
+
+_SEEN: dict[str, list] = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    opt = session.config.option
+    if hasattr(session.config, "workerinput") or opt.keyword or opt.markexpr or exitstatus not in (0, 1):
+        return  # a worker (the controller writes), a partial selection, or an interrupted run: keep what is known
+    expected = getattr(session.config, "_dedup_expected", {})
+    measured = {name: round(secs, 1) for name, (secs, done) in _SEEN.items()
+                if expected.get(name) and len(done) == expected[name]}
+    if not measured:
+        return
+    merged = _durations()
+    merged.update(measured)
+    try:
+        DURATIONS.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+    except OSError:
+        pass  # a read-only checkout: the order just stays as it was
+
 
 
 @pytest.fixture(scope="session")
