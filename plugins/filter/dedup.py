@@ -82,10 +82,48 @@ def dedup_project_root(_value=None):
     return str(Path(__file__).resolve().parents[2])
 
 
+_ROLE_GROUPS = frozenset({"all", "ungrouped", "db", "etl"})
+
+
+def dedup_region_hosts(host, groups, kind):
+    """The hosts of group ``kind`` ('db' or 'etl') in ``host``'s region.
+
+    A region is an inventory group other than all/ungrouped/db/etl that holds ``host`` and hosts of ``kind``
+    (inventory/production: group ``nashville`` holds the Nashville db and etl hosts). When several such groups
+    hold the host (a region inside an environment group), the smallest is the region. A host in no region group
+    (a one-region inventory such as the lab) belongs with every host of ``kind``. The order is the inventory's.
+    """
+    if kind not in ("db", "etl"):
+        raise AnsibleFilterError(f"dedup_region_hosts: kind must be 'db' or 'etl', not {kind!r}")
+    members = list(groups.get(kind) or [])
+    best = None
+    for name, hosts in groups.items():
+        if name in _ROLE_GROUPS or host not in (hosts or []):
+            continue
+        peers = [h for h in members if h in hosts]
+        if peers and (best is None or len(hosts) < best[0]):
+            best = (len(hosts), peers)
+    return best[1] if best else members
+
+
+def dedup_region_name(host, groups):
+    """The name of ``host``'s region group (see dedup_region_hosts), or '' when it is in none."""
+    best = None
+    for name, hosts in groups.items():
+        if name in _ROLE_GROUPS or host not in (hosts or []):
+            continue
+        if any(h in hosts for h in (groups.get("db") or []) + (groups.get("etl") or [])) and \
+                (best is None or len(hosts) < best[0]):
+            best = (len(hosts), name)
+    return best[1] if best else ""
+
+
 class FilterModule:
     def filters(self):
         return {
             "dedup_project_root": dedup_project_root,
+            "dedup_region_hosts": dedup_region_hosts,
+            "dedup_region_name": dedup_region_name,
             "pg_ident": pg_ident,
             "pg_qident": pg_qident,
             "pg_idents": pg_idents,
