@@ -59,15 +59,78 @@ def _seconds(value) -> str:
         return _text(value)
 
 
+def dedup_outcome(db: dict, etl: list[dict] | None = None, check_mode: bool = False, mode: str = "offline") -> dict:
+    """One region's outcome of a deploy, from what its db host and its etl hosts left in their facts.
+
+    ``db``: ``started`` (preflight planned it), ``work`` (there was something to do), ``failure`` (the db step's
+    record: step, error, changed_tables, etl), ``recorded`` (the ledger task's result). ``etl``: one dict per etl
+    host of the region: ``host``, ``ready`` (its pause went through), ``done`` (deploy and smoke went through),
+    ``failure`` (the ETL step's message). Returns ``status`` (succeeded, nothing to do, checked, failed,
+    unfinished, not started), ``step``, ``error`` and ``etl`` (what the region's ETL cron is now).
+    """
+    etl = etl or []
+    cron_touched = mode == "offline" and bool(db.get("work"))
+    if not db.get("started"):
+        return {"status": "not started", "step": "preflight", "error": None, "etl": "untouched"}
+    failure = db.get("failure")
+    if failure:
+        not_ready = [e["host"] for e in etl if not e.get("ready")]
+        if not etl:
+            cron = "none"
+        elif not_ready:
+            cron = "paused on " + ", ".join(not_ready) + " (the pause did not finish)"
+        elif failure.get("changed_tables"):
+            cron = "paused"
+        else:
+            cron = "resumed" if cron_touched else "untouched"
+        return {"status": "failed", "step": failure.get("step") or "database step", "error": failure.get("error"),
+                "etl": cron, "changed_tables": list(failure.get("changed_tables") or [])}
+    for e in etl:
+        if e.get("failure"):
+            return {"status": "failed", "step": "ETL deploy or smoke test on " + str(e.get("host")),
+                    "error": e["failure"], "etl": "paused" if cron_touched else "untouched"}
+    cron = ("resumed" if cron_touched else "untouched") if etl else "none"
+    if check_mode:
+        return {"status": "checked", "step": None, "error": None, "etl": "untouched"}
+    if not db.get("work"):
+        return {"status": "nothing to do", "step": None, "error": None, "etl": cron}
+    recorded = db.get("recorded") or {}
+    if recorded and not recorded.get("skipped") and not recorded.get("failed"):
+        return {"status": "succeeded", "step": None, "error": None, "etl": cron}
+    return {"status": "unfinished", "step": None, "error": None, "etl": cron}
+
+
+def dedup_etl_state(hostvars_of_host) -> dict:
+    """What dedup_outcome needs of one etl host's facts (a host's hostvars)."""
+    hv = hostvars_of_host
+    return {"host": hv.get("inventory_hostname"), "ready": bool(hv.get("dedup_etl_ready")),
+            "done": bool(hv.get("dedup_etl_done")), "failure": hv.get("dedup_etl_failure")}
+
+
 def _deploy_lines(db: dict) -> list[str]:
     where = f" at {db['server']}" if db.get("server") else ""
-    lines = [f"{db.get('host', '?')}: {db.get('database', '?')}{where} (deploy {db.get('deploy_id')})"]
+    region = f"region {db['region']}: " if db.get("region") else ""
+    lines = [f"{region}{db.get('host', '?')}: {db.get('database', '?')}{where} (deploy {db.get('deploy_id')})"]
+    outcome = db.get("outcome") or {}
+    if outcome.get("status"):
+        line = f"  outcome: {outcome['status'].upper()}"
+        if outcome.get("step"):
+            line += f" at {outcome['step']}"
+        if outcome.get("etl") and outcome["etl"] != "none":
+            line += f"; ETL cron {outcome['etl']}"
+        lines.append(line)
+        if outcome.get("error"):
+            lines.append(f"  error: {str(outcome['error'])[:600]}")
     backup = db.get("backup")
     if backup:
         sha = str(backup.get("sha256") or "")
         lines.append(f"  backup: {backup.get('path')} ({human(backup.get('bytes'))}"
                      + (f", sha256 {sha[:16]}..." if sha else "") + ")")
     rows = db.get("tables") or []
+    if not rows and outcome.get("status") == "failed":
+        changed = outcome.get("changed_tables") or []
+        lines.append("  changed before the failure: " + ", ".join(changed) if changed else "  nothing was changed")
+        return lines
     if not rows:
         lines.append("  nothing to do: no duplicates, every constraint present")
         return lines
@@ -147,6 +210,11 @@ def dedup_summary(report: dict, report_path: str | None = None) -> str:
     if not report.get("databases") and not etl:
         lines.append("")
         lines.append("no database or ETL host in this run")
+    outcomes = [(db.get("region") or db.get("host"), (db.get("outcome") or {}).get("status"))
+                for db in report.get("databases") or [] if (db.get("outcome") or {}).get("status")]
+    if len(outcomes) > 1:
+        lines.append("")
+        lines.append("regions: " + "; ".join(f"{name} {status}" for name, status in outcomes))
     return "\n".join(lines)
 
 
@@ -167,6 +235,7 @@ def dedup_summary_stats(report: dict, report_path: str | None = None) -> dict:
         else:
             out["databases"].append({
                 "host": db.get("host"), "database": db.get("database"), "deploy": db.get("deploy_id"),
+                "region": db.get("region") or None, "outcome": (db.get("outcome") or {}).get("status"),
                 "backup": (db.get("backup") or {}).get("path"),
                 "rows_before": int(sum(_num(t.get("rows_before")) for t in rows)),
                 "rows_after": int(sum(_num(t.get("rows_after")) for t in rows)),
@@ -183,4 +252,5 @@ def dedup_summary_stats(report: dict, report_path: str | None = None) -> dict:
 
 class FilterModule:
     def filters(self):
-        return {"dedup_summary": dedup_summary, "dedup_summary_stats": dedup_summary_stats}
+        return {"dedup_summary": dedup_summary, "dedup_summary_stats": dedup_summary_stats,
+                "dedup_outcome": dedup_outcome, "dedup_etl_state": dedup_etl_state}
