@@ -136,3 +136,15 @@ def test_check_script_retires_itself_once_the_deploy_is_rolled_back(pg, fresh_db
     assert "status=ended deploy rolled back" in ended.stdout
     for path in (cfg["cron_file"], cfg["config_path"], cfg["textfile"], passfile):
         assert not Path(path).exists(), path
+
+
+def test_start_at_task_past_preflight_is_refused_before_anything_changes(lab):
+    """--start-at-task skips every task before the one named, preflight included: the steps that need its plan
+    and its run lock stop at their argument check (the preflight contract in their argument_specs)."""
+    counts, cron, release = lab.counts(), lab.crontab(), lab.current_release()
+    res = lab.playbook(DEPLOY, "--start-at-task", "Deduplicate and constrain the tables (step 4)")
+    assert res.rc != 0, res.output[-4000:]
+    text = flat(res.output)
+    assert "preflight_plan" in text and "preflight_deploy_id" in text, text[-3000:]
+    assert (lab.counts(), lab.crontab(), lab.current_release()) == (counts, cron, release)
+    assert lab.query("SELECT to_regclass('dedup_rollout.runs')")[0][0] is None
