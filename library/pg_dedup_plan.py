@@ -130,6 +130,7 @@ slots_unknown:
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_locks import lock_sessions
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
     check_columns,
@@ -287,16 +288,9 @@ def _plan_table(module, cur, schema, spec, strategy, deploy_id, status):
         cur.execute("SELECT has_table_privilege(%s, %s)", (info["oid"], priv))
         if not cur.fetchone()[0]:
             missing.append(priv)
-    cur.execute(
-        "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, l.mode, "
-        "extract(epoch FROM now() - a.xact_start)::int, "
-        "left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 160) "
-        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        "WHERE l.relation = %s AND l.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL ORDER BY 1",
-        (info["oid"],),
-    )
-    blockers = [{"pid": r[0], "user": r[1], "application": r[2], "state": r[3], "mode": r[4],
-                 "xact_seconds": r[5], "query": r[6]} for r in cur.fetchall()]
+    # Sessions with an open transaction holding or waiting for locks on the table (the one description of
+    # module_utils/dedup_locks.py; preflight refuses the long ones).
+    blockers = lock_sessions(cur, info["oid"], in_transaction_only=True)
     cols = {c["name"]: c for c in info["columns"]}
     insert_columns = [c["name"] for c in info["columns"] if not c["generated"]]
     existing = [e for e in find_equivalent_unique(cur, info["oid"], key) if e["usable"] and not e["primary_key"]]

@@ -11,8 +11,10 @@ description:
   - Runs the C(-- @step) sections of a migration rendered from C(sql/migrate_table.sql.j2) in one
     transaction (the file's own BEGIN/COMMIT are replaced by the module's), timing every step.
   - When a lock cannot be had within the file's C(lock_timeout) (or another session holds an older
-    snapshot), the whole transaction is rolled back and retried after C(retry_delay), at most
-    C(retries) times; then it fails naming the sessions in the way. Nothing is half-applied.
+    snapshot, or the server breaks a deadlock), the whole transaction is rolled back and retried after
+    C(retry_delay), at most C(retries) times; then it fails naming the sessions in the way (pid, user,
+    application, state, locks, query start, wait). Nothing is half-applied. The retry rules are those of
+    C(module_utils/dedup_locks.py), shared with the other modules.
   - After the commit it runs C(ANALYZE) (and C(VACUUM FULL) for the delete strategy) on the table.
   - In check mode nothing is executed; the module says what it would run.
 version_added: "1.0.0"
@@ -103,17 +105,24 @@ size_after:
   type: int
 """
 
+import re
 import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_locks import (
+    LockRetriesExhausted,
+    PlayGone,
+    PlayWatch,
+    lock_failure_message,
+    sessions_in_the_way,
+    with_lock_retries,
+)
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
-    PlayWatch,
     connect,
     error_text,
     get_table,
-    lock_holders,
     pg_common_argument_spec,
     total_size,
 )
@@ -126,7 +135,13 @@ except ImportError:  # pragma: no cover
     pg_errors = None
     sql = None
 
-RETRYABLE = ("55P03", "40P01", "40001")  # lock_not_available (and our snapshot guard), deadlock, serialization
+LOCK_TIMEOUT_RE = r"SET LOCAL lock_timeout = '((?:[^']|'')*)'"
+
+
+def lock_timeout_of(text, default=None):
+    """The lock_timeout the rendered migration sets (SET LOCAL lock_timeout = '...'), or ``default``."""
+    found = re.search(LOCK_TIMEOUT_RE, text)
+    return found.group(1).replace("''", "'") if found else default
 
 
 def connection_lost(conn, exc):
@@ -177,19 +192,6 @@ def show_waiting(conn, marker):
             conn.autocommit = False
 
 
-def play_gone(conn, watch):
-    """Whether the play that started us is gone (False when that cannot be told)."""
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            return watch.gone(cur)
-    except Exception:  # noqa: BLE001 - if we cannot tell, go on as before
-        return False
-    finally:
-        if not conn.closed:
-            conn.autocommit = False
-
-
 def main():
     argument_spec = pg_common_argument_spec()
     argument_spec.update(
@@ -218,79 +220,72 @@ def main():
     conn = connect(module, autocommit=False)
     watch = PlayWatch(p["run_lock_id"], every=0)
     attempts = 0
-    last_error = None
     timings = ledger = None
+    where = "%s.%s" % (p["schema"], p["table"])
 
     def marker(name, number):
         return step_marker(p["run_id"], p["schema"], p["table"], name, number, len(steps), attempts)
 
-    while attempts <= p["retries"]:
-        attempts += 1
+    def attempt(number):
+        nonlocal attempts
+        attempts = number
+        return run_once(conn, steps, marker)
+
+    try:
+        (timings, ledger), attempts = with_lock_retries(
+            conn, attempt, p["retries"], p["retry_delay"], watch=watch,
+            before_retry=lambda _n, _exc: show_waiting(conn, marker("retry_wait", 0)))
+    except NoDuplicates:
+        conn.rollback()
+        conn.close()
+        module.exit_json(changed=False, attempts=attempts, seconds=round(time.monotonic() - started, 3),
+                         steps=[], ledger=None, msg="%s has no duplicates: left as it is" % where)
+    except PlayGone as gone:
+        # The play that started us is gone (killed): do not go on changing the table behind the back of whoever
+        # looks next (a re-run or a rollback).
+        conn.close()
+        module.fail_json(msg="the play that started the migration of %s is gone; stopped before attempt %d, nothing "
+                             "changed in this table" % (where, gone.attempts + 1), attempts=gone.attempts)
+    except LockRetriesExhausted as exc:
+        last_error = error_text(exc.error, module)
+        info = None
         try:
-            timings, ledger = run_once(conn, steps, marker)
-            break
-        except NoDuplicates:
             conn.rollback()
-            conn.close()
-            module.exit_json(changed=False, attempts=attempts, seconds=round(time.monotonic() - started, 3),
-                             steps=[], ledger=None,
-                             msg="%s.%s has no duplicates: left as it is" % (p["schema"], p["table"]))
-        except Exception as exc:  # noqa: BLE001
-            code = getattr(exc, "pgcode", None)
-            if connection_lost(conn, exc):
-                # Terminated backend (pg_terminate_backend) or a server restart: the server rolled the
-                # transaction back; the ledger row is in it, so this table is simply not done.
-                module.fail_json(
-                    msg="the connection to the server was lost during the migration of %s.%s (backend terminated "
-                        "or server restarted: %s); the server rolled the transaction back, nothing changed in this "
-                        "table. Re-run deploy_dedup.yml when the server is back: the run resumes here."
-                        % (p["schema"], p["table"], error_text(exc, module) or type(exc).__name__),
-                    attempts=attempts)
-            conn.rollback()
-            if code in RETRYABLE and attempts <= p["retries"]:
-                last_error = error_text(exc, module)
-                show_waiting(conn, marker("retry_wait", 0))
-                time.sleep(p["retry_delay"])
-                if play_gone(conn, watch):
-                    # The play that started us is gone (killed): do not go on changing the table behind the
-                    # back of whoever looks next (a re-run or a rollback).
-                    conn.close()
-                    module.fail_json(msg="the play that started the migration of %s.%s is gone; stopped before "
-                                         "attempt %d, nothing changed in this table" % (p["schema"], p["table"],
-                                                                                    attempts + 1))
-                continue
-            if code in RETRYABLE:
-                last_error = error_text(exc, module)
-                break
-            module.fail_json(
-                msg="migration of %s.%s failed and was rolled back (nothing changed in this table): %s"
-                    % (p["schema"], p["table"], error_text(exc, module)),
-                attempts=attempts, exception=traceback.format_exc())
-    if ledger is None:
-        holders = []
-        try:
             conn.autocommit = True
             with conn.cursor() as cur:
                 info = get_table(cur, p["schema"], p["table"])
-                holders = lock_holders(cur, info["oid"])
         except (DedupPgError, Exception):  # noqa: BLE001 - best effort for the message
             pass
-        who = "; ".join("pid %s (%s, %s, %s held=%s): %s" % (h["pid"], h["user"], h["state"], h["mode"],
-                                                             h["granted"], h["query"]) for h in holders)
-        if last_error and "older than this migration" in last_error:
+        holders = sessions_in_the_way(conn, info["oid"]) if info else []
+        if "older than this migration" in last_error:
             module.fail_json(
-                msg="%s.%s was not migrated after %d attempts: other sessions kept a snapshot older than the "
+                msg="%s was not migrated after %d attempts: other sessions kept a snapshot older than the "
                     "migration (%s). A reader with such a snapshot (pg_dump, a REPEATABLE READ or SERIALIZABLE "
                     "transaction, a logical replication table sync) would have seen the table empty after the "
                     "TRUNCATE, so the migration was rolled back each time; nothing changed in this table. Let them "
                     "finish and re-run (the run resumes here), or set preflight_strategy: delete (MVCC-safe, slower) "
-                    "for this database." % (p["schema"], p["table"], attempts, last_error),
-                attempts=attempts, blockers=holders)
+                    "for this database." % (where, exc.attempts, last_error),
+                attempts=exc.attempts, blockers=holders)
         module.fail_json(
-            msg="could not lock %s.%s after %d attempts (%s); nothing changed in this table. Sessions in the way: "
-                "%s. Stop them (or wait) and re-run: the run resumes here."
-                % (p["schema"], p["table"], attempts, last_error, who or "none left"),
-            attempts=attempts, blockers=holders)
+            msg=lock_failure_message(where, exc.attempts, last_error, holders,
+                                     lock_timeout=lock_timeout_of(p["sql"]), delay=p["retry_delay"],
+                                     outcome="nothing changed in this table",
+                                     advice="Stop them (or wait) and re-run: the run resumes here."),
+            attempts=exc.attempts, blockers=holders)
+    except Exception as exc:  # noqa: BLE001
+        if connection_lost(conn, exc):
+            # Terminated backend (pg_terminate_backend) or a server restart: the server rolled the
+            # transaction back; the ledger row is in it, so this table is simply not done.
+            module.fail_json(
+                msg="the connection to the server was lost during the migration of %s (backend terminated "
+                    "or server restarted: %s); the server rolled the transaction back, nothing changed in this "
+                    "table. Re-run deploy_dedup.yml when the server is back: the run resumes here."
+                    % (where, error_text(exc, module) or type(exc).__name__),
+                attempts=attempts)
+        module.fail_json(
+            msg="migration of %s failed and was rolled back (nothing changed in this table): %s"
+                % (where, error_text(exc, module)),
+            attempts=attempts, exception=traceback.format_exc())
     # Maintenance after the commit (not in the transaction).
     conn.autocommit = True
     with conn.cursor() as cur:
@@ -300,10 +295,7 @@ def main():
             # VACUUM FULL queues for ACCESS EXCLUSIVE like the migration did (and everyone queues behind it): never
             # longer than the migration's own lock_timeout. The rows are already committed and recorded, so a
             # timeout only postpones giving the space back.
-            import re  # noqa: PLC0415 - kept inside the post-commit maintenance
-
-            found = re.search(r"SET LOCAL lock_timeout = '((?:[^']|'')*)'", p["sql"])
-            wait = found.group(1).replace("''", "'") if found else "5s"
+            wait = lock_timeout_of(p["sql"], "5s")
             cur.execute("SELECT set_config('lock_timeout', %s, false)", (wait,))
             try:
                 cur.execute(sql.SQL("VACUUM (FULL, ANALYZE) {}").format(target))

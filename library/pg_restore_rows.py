@@ -17,7 +17,9 @@ description:
     C(staging_schema), and reduced to the removed rows by the deploy's own rule (per natural key the
     C(keep) row by C(order_by) stayed, the others were removed). Their number must equal C(rows_removed)
     unless C(allow_incomplete).
-  - One transaction per table, with C(lock_timeout) and C(retries) after a lock timeout. Identity columns
+  - One transaction per table, with C(lock_timeout) and C(retries) after a lock timeout or a deadlock (the retry
+    rules of C(module_utils/dedup_locks.py)); out of attempts it fails naming the sessions in the way, and between
+    two attempts it stops once the play that started it is gone. Identity columns
     are inserted with C(OVERRIDING SYSTEM VALUE), generated columns are left to the server, and the table's
     user triggers do not fire for the restored rows (as in the migration). In the same transaction the
     ledger row of the table (C(table_runs) of run C(run_id)) is set to C(rolled_back).
@@ -103,6 +105,13 @@ options:
     description: Seconds between attempts.
     type: float
     default: 3
+  run_lock_id:
+    description:
+      - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Between two attempts the
+        module stops once that lock's holder session is gone (the play was killed), also under C(async) where its
+        parent process is not the play. Without it only a change of the parent process tells.
+    type: str
+    default: ''
 notes:
   - Needs psycopg2 on the target, and pg_restore for a dump restore. Supports check mode.
 """
@@ -155,10 +164,17 @@ import os
 import re
 import subprocess
 import tempfile
-import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_locks import (
+    LockRetriesExhausted,
+    PlayGone,
+    PlayWatch,
+    lock_failure_message,
+    sessions_in_the_way,
+    with_lock_retries,
+)
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
     check_columns,
@@ -166,7 +182,6 @@ from ansible.module_utils.dedup_pg import (
     error_text,
     get_table,
     pg_common_argument_spec,
-    psycopg2,
     qualified,
     sql,
     validate_identifier,
@@ -456,25 +471,30 @@ class Restorer:
             if p["verify_only"]:
                 return dict(changed=False, source=source, source_rows=n if n is not None else -1, restored=0,
                             present=0, ledger_marked=False, attempts=0, queries=[])
-            attempts = 0
-            while True:
-                attempts += 1
+
+            def one(_number):
                 self.queries = []
-                try:
-                    out = self.attempt(conn, info, source, entry)
-                    if m.check_mode:
-                        conn.rollback()
-                    else:
-                        conn.commit()
-                    break
-                except psycopg2.errors.LockNotAvailable as exc:
+                result = self.attempt(conn, info, source, entry)
+                if m.check_mode:
                     conn.rollback()
-                    if attempts > p["retries"]:
-                        raise DedupPgError(
-                            "could not lock %s.%s after %d attempts (lock_timeout %s): %s. Sessions holding locks "
-                            "on it must finish first; nothing was restored for this table."
-                            % (p["schema"], p["table"], attempts, p["lock_timeout"], error_text(exc, m))) from exc
-                    time.sleep(p["retry_delay"])
+                else:
+                    conn.commit()
+                return result
+
+            where = "%s.%s" % (p["schema"], p["table"])
+            try:
+                out, attempts = with_lock_retries(conn, one, p["retries"], p["retry_delay"],
+                                                  watch=PlayWatch(p["run_lock_id"] or None, every=0))
+            except PlayGone as gone:
+                raise DedupPgError("the play that started the restore of %s is gone; stopped after %d attempt(s) "
+                                   "that could not get their locks, nothing was restored for this table"
+                                   % (where, gone.attempts)) from gone
+            except LockRetriesExhausted as exc:
+                holders = sessions_in_the_way(conn, info["oid"])
+                raise DedupPgError(lock_failure_message(
+                    where, exc.attempts, error_text(exc.error, m), holders, lock_timeout=p["lock_timeout"],
+                    delay=p["retry_delay"], outcome="nothing was restored for this table",
+                    advice="They must finish first (or be ended); then re-run the rollback.")) from exc
             changed = out["restored"] > 0 or out["ledger_marked"]
             return dict(changed=changed, attempts=attempts, queries=self.queries, **out)
         except Exception:
@@ -505,6 +525,7 @@ def main():
         lock_timeout=dict(type="str", default="5s"),
         retries=dict(type="int", default=5),
         retry_delay=dict(type="float", default=3),
+        run_lock_id=dict(type="str", default=""),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     try:

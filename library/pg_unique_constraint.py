@@ -19,8 +19,10 @@ description:
   - With C(concurrently), builds C(CREATE UNIQUE INDEX CONCURRENTLY) then
     C(ALTER TABLE ... ADD CONSTRAINT ... UNIQUE USING INDEX). An INVALID index of that name left by an
     interrupted build is detected, dropped and rebuilt; it never counts as present.
-  - Each DDL attempt runs with C(lock_timeout); on a lock timeout it retries up to C(retries) times,
-    then fails naming the sessions holding locks on the table.
+  - Each DDL attempt runs with C(lock_timeout); on a lock timeout (or a deadlock) it retries up to C(retries) times,
+    then fails naming the sessions holding or waiting for locks on the table (the retry rules of
+    C(module_utils/dedup_locks.py), shared with the other modules). Between two attempts it stops once the play
+    that started it is gone.
   - C(state=absent) drops only the UNIQUE constraint called C(name), and only if it exists.
   - Check mode runs no DDL at all (catalog reads only) and reports the C(action) it would take.
     Supports C(--diff).
@@ -72,9 +74,16 @@ options:
     type: float
     default: 2
   statement_timeout:
-    description: C(statement_timeout) for each DDL statement (C(0) = none).
+    description: C(statement_timeout) for each DDL statement (C(0) = none). A statement timeout is not retried.
     type: str
     default: "0"
+  run_lock_id:
+    description:
+      - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Between two attempts the
+        module stops once that lock's holder session is gone (the play was killed), also under C(async) where its
+        parent process is not the play. Without it only a change of the parent process tells.
+    type: str
+    default: ''
 notes:
   - Needs psycopg2 on the target. Supports check mode and diff mode.
 """
@@ -138,11 +147,25 @@ duplicates:
   description: Duplicate rows/groups found before DDL (state=present).
   returned: when state=present
   type: dict
+blocking:
+  description:
+    - When the locks could not be had, the sessions holding or waiting for locks on the table (pid, user,
+      application, state, mode, granted, holds, waiting_for, query_start, xact_start, xact_seconds, wait_event,
+      query, description).
+  returned: failure to lock
+  type: list
+  elements: dict
 """
 
-import time
-
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_locks import (
+    LockRetriesExhausted,
+    PlayGone,
+    PlayWatch,
+    lock_failure_message,
+    sessions_in_the_way,
+    with_lock_retries,
+)
 from ansible.module_utils.dedup_pg import (
     check_columns,
     connect,
@@ -150,7 +173,6 @@ from ansible.module_utils.dedup_pg import (
     find_equivalent_unique,
     fit_name,
     get_table,
-    lock_holders,
     pg_common_argument_spec,
     psycopg2,
     qualified,
@@ -159,7 +181,6 @@ from ansible.module_utils.dedup_pg import (
     validate_identifier,
 )
 
-LOCK_NOT_AVAILABLE = "55P03"
 UNIQUE_VIOLATION = "23505"
 
 
@@ -175,6 +196,7 @@ class UniqueConstraint:
         self.queries = []
         self.conn = None
         self.cur = None
+        self.watch = PlayWatch(p.get("run_lock_id") or None, every=0)
 
     # ------------------------------------------------------------------ helpers
     def fail(self, msg, **kw):
@@ -184,56 +206,51 @@ class UniqueConstraint:
         return query.as_string(self.conn) if hasattr(query, "as_string") else str(query)
 
     def run_ddl(self, statements, in_transaction=True):
-        """Run statements, each attempt with lock_timeout; retry on lock timeout; fail naming blockers."""
+        """Run statements, each attempt with lock_timeout; retried on lock timeouts and deadlocks
+        (module_utils/dedup_locks.py); fail naming the sessions in the way."""
         p = self.module.params
-        attempts = max(0, p["retries"]) + 1
-        last = None
-        for attempt in range(1, attempts + 1):
-            try:
-                if in_transaction:
-                    self.conn.autocommit = False
-                    with self.conn.cursor() as cur:
-                        cur.execute("SELECT set_config('lock_timeout', %s, true)", (p["lock_timeout"],))
-                        cur.execute("SELECT set_config('statement_timeout', %s, true)", (p["statement_timeout"],))
+
+        def attempt(_number):
+            if in_transaction:
+                self.conn.autocommit = False
+                with self.conn.cursor() as cur:
+                    cur.execute("SELECT set_config('lock_timeout', %s, true)", (p["lock_timeout"],))
+                    cur.execute("SELECT set_config('statement_timeout', %s, true)", (p["statement_timeout"],))
+                    for stmt in statements:
+                        cur.execute(stmt)
+                self.conn.commit()
+            else:
+                self.conn.autocommit = True
+                with self.conn.cursor() as cur:
+                    cur.execute("SELECT set_config('lock_timeout', %s, false)", (p["lock_timeout"],))
+                    cur.execute("SELECT set_config('statement_timeout', %s, false)", (p["statement_timeout"],))
+                    try:
                         for stmt in statements:
                             cur.execute(stmt)
-                    self.conn.commit()
-                else:
-                    self.conn.autocommit = True
-                    with self.conn.cursor() as cur:
-                        cur.execute("SELECT set_config('lock_timeout', %s, false)", (p["lock_timeout"],))
-                        cur.execute("SELECT set_config('statement_timeout', %s, false)", (p["statement_timeout"],))
-                        try:
-                            for stmt in statements:
-                                cur.execute(stmt)
-                        finally:
-                            cur.execute("RESET lock_timeout; RESET statement_timeout")
-                self.queries.extend(self.sqltext(s) for s in statements)
-                return
-            except psycopg2.Error as exc:
-                if not self.conn.autocommit:
-                    self.conn.rollback()
-                if getattr(exc, "pgcode", None) != LOCK_NOT_AVAILABLE:
-                    raise
-                last = exc
-                if attempt < attempts:
-                    time.sleep(max(0.0, p["retry_delay"]))
-                    if not in_transaction:
-                        self.drop_invalid_leftover()
-        self.conn.autocommit = True
-        with self.conn.cursor() as cur:
-            holders = lock_holders(cur, self.info["oid"])
-        who = "; ".join(
-            "pid {} ({}, {}, {}{}): {}".format(h["pid"], h["user"], h["state"], h["mode"],
-                                          "" if h["granted"] else " waiting", h["query"])
-            for h in holders
-        ) or "none visible now (they may have finished)"
-        self.fail(
-            f'could not lock table "{self.schema}"."{self.table}" within lock_timeout={p["lock_timeout"]} after '
-            f"{attempts} attempts ({p['retry_delay']} s apart); sessions holding or waiting for locks on it: {who}. "
-            f"Last error: {error_text(last, self.module)}",
-            blocking=holders,
-        )
+                    finally:
+                        cur.execute("RESET lock_timeout; RESET statement_timeout")
+
+        def before_retry(_number, _exc):
+            if not in_transaction:  # CREATE INDEX CONCURRENTLY leaves an INVALID index behind
+                self.drop_invalid_leftover()
+
+        where = f'table "{self.schema}"."{self.table}"'
+        try:
+            with_lock_retries(self.conn, attempt, p["retries"], p["retry_delay"], watch=self.watch,
+                              before_retry=before_retry)
+        except PlayGone as gone:
+            self.conn.autocommit = True
+            self.fail(f"the play that started pg_unique_constraint on {where} is gone; stopped after "
+                      f"{gone.attempts} attempt(s) that could not get their locks, no DDL was applied")
+        except LockRetriesExhausted as exc:
+            holders = sessions_in_the_way(self.conn, self.info["oid"])
+            self.conn.autocommit = True
+            self.fail(lock_failure_message(where, exc.attempts, error_text(exc.error, self.module), holders,
+                                           lock_timeout=p["lock_timeout"], delay=p["retry_delay"],
+                                           outcome="no DDL was applied",
+                                           advice="Stop them (or wait) and re-run."),
+                      blocking=holders)
+        self.queries.extend(self.sqltext(s) for s in statements)
 
     def invalid_leftover(self):
         """An INVALID index named like our constraint on this table (left by an interrupted build)."""
@@ -502,6 +519,7 @@ def main():
         retries=dict(type="int", default=5),
         retry_delay=dict(type="float", default=2),
         statement_timeout=dict(type="str", default="0"),
+        run_lock_id=dict(type="str", default=""),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if not module.params["columns"]:

@@ -31,9 +31,17 @@ import shutil
 import subprocess
 import time
 
+from ansible.module_utils.dedup_locks import (
+    LockRetriesExhausted,
+    PlayGone,
+    PlayWatch,
+    lock_failure_message,
+    play_gone,
+    sessions_in_the_way,
+    with_lock_retries,
+)
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
-    PlayWatch,
     conn_params,
     find_equivalent_unique,
     fit_name,
@@ -54,8 +62,6 @@ except ImportError:  # pragma: no cover
 GUARD_LOCK_CLASS = 1684305264
 GUARD_TRIGGER = "zz_dedup_rollout_guard"   # fires after the table's own BEFORE triggers (name order)
 DOLLAR_TAG = "$dedup_guard$"
-LOCK_NOT_AVAILABLE = "55P03"
-RETRYABLE = ("55P03", "40P01", "40001")
 UNIQUE_VIOLATION = "23505"
 
 
@@ -86,15 +92,15 @@ class OnlineDedup:
                        "repacked": False}
         self.play = PlayWatch(self.p.get("run_lock_id"))
 
-    def check_play(self, what):
-        """Stop (between two transactions) once the play that started this module is gone."""
-        with self.conn.cursor() as cur:
-            gone = self.play.gone(cur)
-        if gone:
-            raise DedupPgError(
-                "the play that started the online deduplication is gone (killed?); stopped before %s after %d "
+    def gone_message(self, what):
+        return ("the play that started the online deduplication is gone (killed?); stopped before %s after %d "
                 "batch(es) and %d removed row(s), each committed together with its backup copy. Re-run "
                 "deploy_dedup.yml to resume." % (what, self.result["batches"], self.result["rows_removed"]))
+
+    def check_play(self, what):
+        """Stop (between two transactions) once the play that started this module is gone."""
+        if play_gone(self.conn, self.play):
+            raise DedupPgError(self.gone_message(what))
 
     # ------------------------------------------------------------------ plumbing
     def _text(self, stmt):
@@ -122,34 +128,55 @@ class OnlineDedup:
         cur.execute("SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
                     (lock_timeout, statement_timeout))
 
-    def short_transaction(self, statements, what):
-        """Run statements in one transaction under the short lock_timeout; retry on lock timeouts."""
+    def with_retries(self, attempt, what):
+        """``attempt(cur)`` in one transaction under the short lock_timeout, retried on lock timeouts and deadlocks
+        (module_utils/dedup_locks.py), stopping between two attempts once the play is gone. Returns (result,
+        attempts); out of attempts a DedupPgError names the sessions in the way."""
         p = self.p
-        last = None
-        for attempt in range(1, max(0, p["retries"]) + 2):
+
+        def one(_number):
             self.result["lock_attempts"] += 1
-            t0 = time.monotonic()
+            self.conn.autocommit = False
             try:
-                self.conn.autocommit = False
                 with self.conn.cursor() as cur:
-                    cur.execute("SELECT set_config('lock_timeout', %s, true)", (p["lock_timeout"],))
-                    for stmt in statements:
-                        self.execute(cur, stmt)
+                    out = attempt(cur)
                 self.conn.commit()
-                self.result["longest_lock_seconds"] = max(self.result["longest_lock_seconds"],
-                                                          round(time.monotonic() - t0, 3))
+            finally:
+                if not self.conn.closed and self.conn.status == psycopg2.extensions.STATUS_READY:
+                    self.conn.autocommit = True
+            return out
+
+        try:
+            return with_lock_retries(self.conn, one, p["retries"], p["retry_delay"], watch=self.play)
+        except PlayGone as gone:
+            raise DedupPgError(self.gone_message("%s (after %d attempt(s) that could not get their locks)"
+                                                 % (what, gone.attempts))) from gone
+        except LockRetriesExhausted as exc:
+            holders = sessions_in_the_way(self.conn, self.info["oid"])
+            raise DedupPgError(lock_failure_message(
+                "%s.%s for %s" % (p["schema"], p["table"], what), exc.attempts, exc.error, holders,
+                lock_timeout=p["lock_timeout"], delay=p["retry_delay"],
+                outcome="nothing of it was applied and writers were never queued longer than lock_timeout",
+                advice="Re-run later: the run resumes here.")) from exc
+        finally:
+            if not self.conn.closed:
                 self.conn.autocommit = True
-                return attempt
-            except psycopg2.Error as exc:
-                self.conn.rollback()
-                self.conn.autocommit = True
-                if getattr(exc, "pgcode", None) not in RETRYABLE:
-                    raise
-                last = exc
-                time.sleep(max(0.0, p["retry_delay"]))
-        raise DedupPgError("%s: could not get the table lock within lock_timeout=%s in %d attempts (%s); writers "
-                           "were never queued longer than that. Re-run later: the run resumes here."
-                           % (what, p["lock_timeout"], p["retries"] + 1, str(last).strip()))
+
+    def short_transaction(self, statements, what):
+        """Run statements in one transaction under the short lock_timeout; retried (with_retries)."""
+        p = self.p
+
+        def attempt(cur):
+            t0 = time.monotonic()
+            cur.execute("SELECT set_config('lock_timeout', %s, true)", (p["lock_timeout"],))
+            for stmt in statements:
+                self.execute(cur, stmt)
+            return t0
+
+        t0, attempts = self.with_retries(attempt, what)
+        self.result["longest_lock_seconds"] = max(self.result["longest_lock_seconds"],
+                                                  round(time.monotonic() - t0, 3))
+        return attempts
 
     # ------------------------------------------------------------------ catalog state
     def load(self):
@@ -440,31 +467,17 @@ class OnlineDedup:
     def batch(self, stmt, counter, lo, whi):
         """One window: delete + backup copy + ledger counter in one transaction (retried on lock timeouts)."""
         p = self.p
-        last = None
-        for _attempt in range(max(0, p["retries"]) + 1):
-            try:
-                self.conn.autocommit = False
-                with self.conn.cursor() as cur:
-                    cur.execute("SELECT set_config('lock_timeout', %s, true), set_config('work_mem', %s, true)",
-                                (p["lock_timeout"], p["work_mem"]))
-                    self.execute(cur, stmt, {"lo": lo, "whi": whi})
-                    n = max(cur.rowcount, 0)
-                    if n:
-                        self.execute(cur, counter, {"n": n, "run": p["run_id"], "schema": p["schema"],
-                                                    "table": p["table"]})
-                self.conn.commit()
-                self.conn.autocommit = True
-                return n
-            except psycopg2.Error as exc:
-                self.conn.rollback()
-                self.conn.autocommit = True
-                if getattr(exc, "pgcode", None) not in RETRYABLE:
-                    raise
-                last = exc
-                time.sleep(max(0.0, p["retry_delay"]))
-        raise DedupPgError("a batch of %s.%s could not get its row locks in %d attempts (%s); nothing of that batch "
-                           "was applied. Re-run: the run resumes here." % (p["schema"], p["table"], p["retries"] + 1,
-                                                                          str(last).strip()))
+
+        def attempt(cur):
+            cur.execute("SELECT set_config('lock_timeout', %s, true), set_config('work_mem', %s, true)",
+                        (p["lock_timeout"], p["work_mem"]))
+            self.execute(cur, stmt, {"lo": lo, "whi": whi})
+            n = max(cur.rowcount, 0)
+            if n:
+                self.execute(cur, counter, {"n": n, "run": p["run_id"], "schema": p["schema"], "table": p["table"]})
+            return n
+
+        return self.with_retries(attempt, "a batch of its duplicate rows")[0]
 
     def vacuum(self, analyze):
         t0 = time.monotonic()

@@ -525,23 +525,6 @@ def find_equivalent_unique(cur, table_oid, columns):
     return found
 
 
-def lock_holders(cur, table_oid):
-    """Sessions holding or waiting for locks on the table, with what they run (for error messages)."""
-    cur.execute(
-        "SELECT DISTINCT a.pid, a.usename, a.state, l.mode, l.granted, "
-        "left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 200), "
-        "now() - a.xact_start "
-        "FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
-        "WHERE l.relation = %s AND l.pid <> pg_backend_pid() ORDER BY 1",
-        (table_oid,),
-    )
-    return [
-        {"pid": r[0], "user": r[1], "state": r[2], "mode": r[3], "granted": r[4], "query": r[5],
-         "xact_age": str(r[6]) if r[6] is not None else None}
-        for r in cur.fetchall()
-    ]
-
-
 # --------------------------------------------------------------------------- neighbours: who else sees the table
 
 
