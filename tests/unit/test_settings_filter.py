@@ -60,3 +60,11 @@ def test_spec_options_merges_entry_points_without_defaults():
     assert settings.dedup_spec_options(spec) == {
         "a": {"type": "str"}, "b": {"type": "str"}, "t": {"type": "list", "options": {"k": {"type": "str"}}}}
     assert settings.dedup_spec_options(None) == {}
+
+
+def test_spec_options_of_a_role_leave_out_the_facts_it_takes_from_another_role():
+    spec = {"argument_specs": {"main": {"options": {
+        "migrate_retries": {"type": "int", "default": 5}, "dedup_tables": {"type": "list"},
+        "preflight_plan": {"type": "dict", "required": True}}}}}
+    assert settings.dedup_spec_options(spec, "migrate") == {"migrate_retries": {"type": "int"},
+                                                            "dedup_tables": {"type": "list"}}

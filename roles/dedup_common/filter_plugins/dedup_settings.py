@@ -125,13 +125,19 @@ def _without_defaults(options: dict) -> dict:
     return out
 
 
-def dedup_spec_options(spec: dict) -> dict:
+def dedup_spec_options(spec: dict, role: str | None = None) -> dict:
     """The options of every entry point of a role's argument_specs, merged (later entry points win), without
     their defaults: only the values actually set (inventory, -e) are checked; a default such as
-    "{{ dedup_tables }}" would otherwise be validated untemplated."""
+    "{{ dedup_tables }}" would otherwise be validated untemplated.
+
+    With ``role``, only the settings: options named ``<role>_*`` or ``dedup_*``. The others are another role's
+    facts this role takes in (``preflight_plan`` in migrate's spec), which do not exist yet when the settings are
+    checked; the role's own argument check at its start requires them."""
     out: dict = {}
     for entry in (spec or {}).get("argument_specs", {}).values():
         out.update((entry or {}).get("options") or {})
+    if role:
+        out = {k: v for k, v in out.items() if k.startswith((f"{role}_", "dedup_"))}
     return _without_defaults(out)
 
 
