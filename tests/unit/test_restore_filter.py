@@ -67,10 +67,13 @@ def test_default_constraint_name_fits_63_characters():
     assert len(name) == 63
 
 
-def test_default_constraint_name_counts_characters_as_before():
-    # 60 characters but more than 63 bytes: kept whole, as the Jinja it replaces did (fit_name counts bytes).
-    name = restore.restore_default_constraint_name("é" * 54, ["k"])
-    assert name == "é" * 54 + "_k_key" and len(name.encode()) > 63
+def test_default_constraint_name_counts_bytes_like_fit_name():
+    # 60 characters but 114 bytes: cut like the name the constraint really got (module_utils fit_name).
+    from _load import module_util
+    fit_name = module_util("dedup_pg").fit_name
+    for table, key in (("é" * 54, ["k"]), ("таблица_" * 5, ["ключ", "id"]), ("t" * 55, ["col"]), ("t", ["a"])):
+        name = restore.restore_default_constraint_name(table, key)
+        assert name == fit_name(f"{table}_{'_'.join(key)}_key") and len(name.encode()) <= 63
 
 
 def test_filter_is_registered():

@@ -14,16 +14,15 @@ TO_UNDO = ("deduplicated", "constrained")
 
 
 def restore_default_constraint_name(table: str, natural_key: list) -> str:
-    """The name pg_unique_constraint gives a constraint it creates: <table>_<key columns>_key, cut to 54
-    characters plus '_' and 8 hex digits of its sha1 when longer than 63.
-
-    Counted in characters, as the Jinja this replaces did; pg_unique_constraint (module_utils/dedup_pg.py
-    fit_name) counts bytes, so the two agree for ASCII names only.
-    """
+    """The name pg_unique_constraint gives a constraint it creates: <table>_<key columns>_key; when longer than
+    63 bytes (PostgreSQL's NAMEDATALEN - 1), its first 54 bytes (whole characters only) plus '_' and 8 hex digits
+    of its sha1. Byte for byte module_utils/dedup_pg.py's fit_name, which names the constraint."""
     name = f"{table}_{'_'.join(map(str, natural_key))}_key"
-    if len(name) > 63:
-        name = f"{name[:54]}_{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
-    return name
+    raw = name.encode("utf-8")
+    if len(raw) <= 63:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:8]
+    return f"{raw[:63 - len(digest) - 1].decode('utf-8', 'ignore')}_{digest}"
 
 
 def restore_tables_to_undo(tables: list) -> list[dict]:
