@@ -11,8 +11,13 @@ bench/results/.
 
 Nothing here pulls table rows into Python: every check is an aggregate computed by the server.
 
+The `regions` row times the real deploy_dedup.yml on one region (one db host, its own clone) and then on
+N regions at once (N db hosts, N clones, N region groups, one inventory): t_N / t_1 is 1.0 for a perfect
+fan-out and N for one region after another.
+
 Usage: .venv/bin/python bench/run_bench.py [--scale 0.1 | --sweep 0.025,0.05,0.1 | --quick]
-                                           [--contenders A2,B-table,B-dump,dupcheck,A1] [--keep]
+                                           [--contenders A2,B-table,B-dump,regions,dupcheck,A1] [--keep]
+                                           [--regions 4]
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import psycopg2  # noqa: E402
+import yaml  # noqa: E402
 from psycopg2 import sql  # noqa: E402
 
 from harness import PgCluster, ansible_env, free_port, parse_recap, server_os_user  # noqa: E402
@@ -65,9 +71,9 @@ DEFAULT_CONF = {
 A2_SETTINGS = {"work_mem": "512MB", "maintenance_work_mem": "1GB"}
 WRITER_KEY_BASE = 2_000_000_000  # requirement_id of the concurrent writer's rows (never collide)
 ALL_CONTENDERS = ["A1", "A2", "B-sql-table", "B-sql-dump", "B-table", "B-dump", "B-online", "B-online-repack",
-                  "dupcheck"]
+                  "regions", "dupcheck"]
 # A1 last: at 1/10 it runs into --timeout.
-DEFAULT_CONTENDERS = "A2,B-sql-table,B-sql-dump,B-table,B-dump,dupcheck,A1"
+DEFAULT_CONTENDERS = "A2,B-sql-table,B-sql-dump,B-table,B-dump,regions,dupcheck,A1"
 # What each contender's seconds cover (a column of the table).
 MEASURES = {
     "A1": "psql script", "A2": "psql script",
@@ -80,6 +86,7 @@ MEASURES = {
 # roles/migrate/defaults/main.yml: what the role passes to pg_migrate_table and pg_unique_constraint.
 MIGRATE_DEFAULTS = {"lock_timeout": "5s", "retries": 5, "retry_delay": 1.0}
 MIGRATE_PLAYBOOK = REPO / "playbooks" / "migrate_only.yml"
+DEPLOY_PLAYBOOK = REPO / "deploy_dedup.yml"  # the entry point an operator runs (imports playbooks/deploy_dedup.yml)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -426,6 +433,15 @@ def write_inventory(workdir: Path) -> Path:
 
 
 def write_vars(ctx: dict, db: str, workdir: Path, backup_mode: str, extra: dict | None = None) -> Path:
+    """The contender's variables as a 0600 JSON file for -e @file (it holds the password: delete it after use)."""
+    path = workdir / "vars.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(bench_vars(ctx, db, workdir, backup_mode, extra), fh)
+    return path
+
+
+def bench_vars(ctx: dict, db: str, workdir: Path, backup_mode: str, extra: dict | None = None) -> dict:
     cluster: PgCluster = ctx["cluster"]
     report_root = workdir / "reports"
     backup_dir = workdir / "backup"
@@ -446,11 +462,7 @@ def write_vars(ctx: dict, db: str, workdir: Path, backup_mode: str, extra: dict 
         "dedup_run_id": f"bench-{workdir.parent.parent.name.removeprefix('run-')}-{workdir.name}",
     }
     data.update(extra or {})
-    path = workdir / "vars.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-    return path
+    return data
 
 
 def contender_b(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) -> dict:
@@ -794,6 +806,178 @@ def measure_dupcheck(ctx: dict, scale: float, src: str) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- regions: N regions at once vs one
+
+def ansible_forks() -> int | None:
+    """forks as ansible-playbook will see it here (ansible.cfg, or ANSIBLE_FORKS): `ansible-config dump`."""
+    try:
+        proc = subprocess.run([str(Path(sys.executable).parent / "ansible-config"), "dump", "--only-changed"],
+                              env=ansible_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^DEFAULT_FORKS\([^)]*\) = (\d+)$", proc.stdout, re.M)
+    return int(m.group(1)) if m else 5  # not changed: ansible's default
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine from /proc/stat (every process, not only ours)."""
+    try:
+        with open("/proc/stat") as fh:
+            vals = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return sum(vals) - idle, sum(vals)
+
+
+def write_regions_inventory(ctx: dict, workdir: Path, dbs: list[str], run_id: str) -> tuple[Path, Path]:
+    """One db host per database, each in its own region group, no etl host; returns (inventory, secret file).
+
+    As README "Your own database, no ETL host", times N: group `db` holds bench-r<i>-db, group `etl` is empty,
+    group region<i> holds bench-r<i>-db; host_vars give each host its own dedup_db_name (extra vars would
+    override host_vars, so nothing goes through -e). group_vars/all/bench.yml (0600, it holds the password, deleted
+    after the run) has the same settings as B-table (backup mode table), monitor_schedule false.
+    """
+    inv = workdir / "inventory"
+    (inv / "host_vars").mkdir(parents=True, exist_ok=True)
+    (inv / "group_vars" / "all").mkdir(parents=True, exist_ok=True)
+    hosts = [f"bench-r{i}-db" for i in range(1, len(dbs) + 1)]
+    children: dict = {"db": {"hosts": {h: None for h in hosts}}, "etl": {"hosts": {}}}
+    for i, h in enumerate(hosts, 1):
+        children[f"region{i}"] = {"hosts": {h: None}}
+    doc = {"all": {"children": children,
+                   "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}}}
+    (inv / "hosts.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    for h, db in zip(hosts, dbs):
+        (inv / "host_vars" / f"{h}.yml").write_text(yaml.safe_dump({"dedup_db_name": db}))
+    data = bench_vars(ctx, dbs[0], workdir, "table", {"dedup_run_id": run_id, "monitor_schedule": False})
+    del data["dedup_db_name"]
+    secret = inv / "group_vars" / "all" / "bench.yml"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+    return inv, secret
+
+
+def regions_phase(ctx: dict, scale: float, src: str, spec: dict, count: int, workdir: Path) -> dict:
+    """Clone src `count` times (untimed), then time one ansible-playbook deploy_dedup.yml over all of them."""
+    cluster: PgCluster = ctx["cluster"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    dbs = [f"bench_regions{count}_r{i}" for i in range(1, count + 1)]
+    for db in dbs:
+        clone(cluster, src, db)
+    run_id = f"bench-{ctx['workdir'].name.removeprefix('run-')}-regions{count}"
+    inv, secret = write_regions_inventory(ctx, workdir, dbs, run_id)
+    logfile = workdir / "ansible.log"
+    timer_file = workdir / "task_times.json"
+    cluster.execute("CHECKPOINT")  # the same WAL state for both phases
+    lsn0 = cluster.scalar("SELECT pg_current_wal_lsn()")
+    sampler = Sampler([])  # RSS of the ansible-playbook tree only
+    sampler.start()
+    load0, cpu0 = os.getloadavg(), cpu_times()
+    log(f"scale {scale}: regions: deploy_dedup.yml on {count} region(s) ({', '.join(dbs)}) ...")
+    t0 = time.monotonic()
+    rc, timed_out = None, False
+    try:
+        rc, timed_out = run_process([str(Path(sys.executable).parent / "ansible-playbook"), str(DEPLOY_PLAYBOOK),
+                                     "-i", str(inv)], ansible_env(timer_env(timer_file)), logfile, ctx["timeout"],
+                                    sampler=sampler, cwd=REPO)
+    finally:
+        seconds = time.monotonic() - t0
+        load1, cpu1 = os.getloadavg(), cpu_times()
+        secret.unlink(missing_ok=True)  # it holds the password
+        sampler.stop()
+        if rc is None:
+            for db in dbs:
+                terminate_sessions(cluster, db)
+    wal = cluster.scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", params=(lsn0,))
+    text = logfile.read_text(errors="replace")
+    out: dict = {"regions": count, "databases": dbs, "run_id": run_id, "rc": rc, "timed_out": timed_out,
+                 "seconds": round(seconds, 2), "wal_mb": mb(float(wal)),
+                 "ansible_peak_rss_mb": mb(sampler.peak_rss_max), "ansible_peak_rss_tree_mb": mb(sampler.peak_rss_sum),
+                 "recap": parse_recap(text),
+                 # The whole machine while it ran (other processes included): how busy the CPUs were.
+                 "machine_cpu_busy_pct": round(100.0 * (cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1]), 1)
+                 if cpu1[1] > cpu0[1] else None,
+                 "loadavg_1min_before_after": [round(load0[0], 2), round(load1[0], 2)]}
+    out.update(task_times(timer_file, top=8))
+    if timed_out or rc != 0:
+        out["error"] = "timed out" if timed_out else tail(logfile, 40)
+        msgs = re.findall(r"^\s*msg: (.*)$", text, re.M)
+        out["error_summary"] = "timed out" if timed_out else (msgs[-1] if msgs else tail(logfile, 1))[:300]
+    if not timed_out:
+        out["checks"] = {}
+        for db in dbs:  # no concurrent writer here: 0 writer rows expected
+            chk = verify(cluster, db, spec, 0)
+            tables = chk["tables"].values()
+            out["checks"][db] = {"ok": chk["ok"], "duplicates": sum(t["duplicates"] for t in tables),
+                                 "kept_not_oldest": sum(t["kept_not_oldest"] for t in tables),
+                                 "unique_constraints": sum(bool(t["unique_constraint"]) for t in tables),
+                                 "tables": len(chk["tables"]), "rows": sum(t["rows"] for t in tables),
+                                 "backup_tables_rows": sum(chk["backup_tables_rows"].values())}
+        out["check_ok"] = all(c["ok"] for c in out["checks"].values())
+    log(f"scale {scale}: regions: {count} region(s) rc={rc} in {out['seconds']} s")
+    if not ctx["keep"]:
+        for db in dbs:
+            cluster.drop_database(db)
+    return out
+
+
+def measure_regions(ctx: dict, scale: float, src: str, spec: dict) -> dict:
+    """deploy_dedup.yml on 1 region, then on N regions at once (each its own clone of src): t_N / t_1."""
+    n = ctx["regions"]
+    workdir = ctx["workdir"] / f"scale{scale}" / "regions"
+    forks = ansible_forks()
+    one = regions_phase(ctx, scale, src, spec, 1, workdir / "1")
+    many = regions_phase(ctx, scale, src, spec, n, workdir / str(n)) if one["rc"] == 0 else None
+    phases = [p for p in (one, many) if p is not None]
+    if any(p["timed_out"] for p in phases):
+        status = "timeout"
+    elif many is None or any(p["rc"] != 0 for p in phases):
+        status = "failed"
+    elif not all(p["check_ok"] for p in phases):
+        status = "wrong-result"
+    else:
+        status = "ok"
+    failed = next((p for p in phases if p["rc"] != 0), None)
+    row = {
+        "contender": "regions",
+        "scale": scale,
+        "status": status,
+        "measures": f"deploy_dedup.yml, {n} regions at once",
+        "seconds": many["seconds"] if many else one["seconds"],  # t_N (t_1 when the 1-region run failed)
+        "regions": n,
+        "forks": forks,
+        "nproc": os.cpu_count(),
+        "seconds_1": one["seconds"],
+        "seconds_n": many["seconds"] if many else None,
+        "ratio_n_over_1": round(many["seconds"] / one["seconds"], 2) if status == "ok" else None,
+        "wal_mb": many["wal_mb"] if many else one["wal_mb"],
+        "ansible_peak_rss_mb": (many or one)["ansible_peak_rss_mb"],
+        "ansible_peak_rss_tree_mb": (many or one)["ansible_peak_rss_tree_mb"],
+        "databases_checked": sum(len(p.get("checks", {})) for p in phases),
+        "databases_ok": sum(c["ok"] for p in phases for c in p.get("checks", {}).values()),
+        "detail": {"one": one, "many": many, "playbook": str(DEPLOY_PLAYBOOK.relative_to(REPO)),
+                   "error_summary": failed.get("error_summary") if failed else
+                   ("a database failed the end-state check" if status == "wrong-result" else None)},
+    }
+    log(f"scale {scale}: regions {status}: 1 region {one['seconds']} s, {n} regions "
+        f"{row['seconds_n']} s, ratio {row['ratio_n_over_1']}")
+    return row
+
+
+def regions_text(r: dict) -> str:
+    """The summary line of a regions row."""
+    n = r["regions"]
+    if r["status"] != "ok":
+        return (f"regions at scale {r['scale']}: {r['status']}: 1 region {r['seconds_1']} s, {n} regions "
+                f"{r['seconds_n']} s; {r['detail'].get('error_summary')}")
+    return (f"regions at scale {r['scale']}: deploy_dedup.yml on 1 region {r['seconds_1']} s, on {n} regions at "
+            f"once {r['seconds_n']} s -> t_{n} / t_1 = {r['ratio_n_over_1']} (1.0 = perfect fan-out, {n} = one "
+            f"after another); forks {r['forks']}, {r['nproc']} CPU; {r['databases_ok']} of "
+            f"{r['databases_checked']} databases without duplicates, oldest rows kept, every natural key UNIQUE")
+
+
 # --------------------------------------------------------------------------- reporting
 
 def machine_facts(cluster: PgCluster) -> dict:
@@ -824,7 +1008,8 @@ def machine_facts(cluster: PgCluster) -> dict:
 
 
 def summarize(rows: list[dict]) -> None:
-    """Ratio vs best A: (seconds of the faster completed A at that scale) / seconds."""
+    """Ratio vs best A: (seconds of the faster completed A at that scale) / seconds (not for regions: own ratio)."""
+    rows = [r for r in rows if r["contender"] != "regions"]
     for scale in {r["scale"] for r in rows}:
         a = [r["seconds"] for r in rows if r["scale"] == scale and r["contender"] in ("A1", "A2")
              and r["status"] == "ok"]
@@ -848,6 +1033,12 @@ def table_text(rows: list[dict], dupchecks: list[dict]) -> str:
     notes = []
     for r in rows:
         if r["contender"] == "dupcheck":
+            continue
+        if r["contender"] == "regions":  # seconds = t_N; its ratio t_N / t_1 is in the line under the table
+            sec = r["seconds"] if r["status"] != "timeout" else f">{r['seconds']}"
+            lines.append([r["contender"], r["measures"], r["scale"], r["status"], sec, r["wal_mb"], "-", "-", "-",
+                          "-", "-", r.get("ansible_peak_rss_mb", "-")])
+            notes.append(regions_text(r))
             continue
         ratio = r.get("ratio_vs_best_a")
         wal_ratio = r.get("wal_ratio_vs_best_a")
@@ -895,6 +1086,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run at scale 0.01")
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
                    help=f"comma-separated subset of {','.join(ALL_CONTENDERS)} (default {DEFAULT_CONTENDERS})")
+    p.add_argument("--regions", type=int, default=4,
+                   help="regions contender: N regions at once, timed against 1 (default 4, at least 2)")
     p.add_argument("--keep", action="store_true", help="keep the cluster, clones and work files")
     p.add_argument("--timeout", type=float, default=900, help="per-contender limit in seconds (default 900)")
     p.add_argument("--results-dir", type=Path, default=BENCH / "results", help="where the JSON goes")
@@ -905,6 +1098,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     else:
         args.scales = [0.01 if args.quick else args.scale]
     args.contender_list = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    if args.regions < 2:
+        p.error("--regions must be at least 2 (the contender times N regions against 1)")
     bad = [c for c in args.contender_list if c not in ALL_CONTENDERS]
     if bad:
         p.error(f"unknown contenders: {', '.join(bad)} (choose from {', '.join(ALL_CONTENDERS)})")
@@ -918,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     workroot = args.workdir.resolve()
     cluster = start_bench_cluster(workroot)
-    ctx = {"cluster": cluster, "keep": args.keep, "timeout": args.timeout,
+    ctx = {"cluster": cluster, "keep": args.keep, "timeout": args.timeout, "regions": args.regions,
            "workdir": workroot / f"run-{stamp}"}
     ctx["workdir"].mkdir(parents=True, exist_ok=True)
     log(f"cluster {cluster.root} on port {cluster.port} (PostgreSQL {cluster.version}, default durability)")
@@ -934,7 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
             build = build_source(cluster, src, scale, ctx["workdir"])
             log(f"scale {scale}: built in {build['seconds']} s, {build['db_size_mb']} MB")
             explains = explain_a(cluster, src)
-            rows = [measure(ctx, c, scale, src, build["tables"]) for c in args.contender_list if c != "dupcheck"]
+            rows = [measure_regions(ctx, scale, src, build["tables"]) if c == "regions"
+                    else measure(ctx, c, scale, src, build["tables"]) for c in args.contender_list if c != "dupcheck"]
             dups = [measure_dupcheck(ctx, scale, src)] if "dupcheck" in args.contender_list else []
             summarize(rows)
             doc = {"generated_at": stamp, "scale": scale, "machine": machine, "build": build,

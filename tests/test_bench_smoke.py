@@ -2,6 +2,8 @@
 
 Real parts: the script starts its own cluster (default durability), builds the runbook-shaped
 database, runs the runbook's SQL with the real psql, and writes its JSON. We check the JSON.
+The `regions` contender (deploy_dedup.yml on 1 and on N regions, minutes even at a tiny scale) is not run
+here; its generated inventory is checked with the real ansible-inventory.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from harness import REPO
 
@@ -55,3 +58,40 @@ def test_bench_smoke_writes_expected_json(tmp_path):
     assert check["writer_rows_found"] == check["writer_rows_committed"] > 0
     # The runbook's backup tables hold every original row (plus the writer's rows copied in time).
     assert check["backup_tables_rows"]["breezeway.task_requirements_backup"] >= 48348
+
+
+def test_bench_regions_inventory_gives_each_region_its_own_database(tmp_path):
+    """The `regions` contender's inventory (no ansible-playbook run: that takes minutes, see bench/README.md):
+    N db hosts in N region groups, an empty etl group, each host's own dedup_db_name from host_vars (extra vars
+    would override it), the shared settings with the password in a 0600 file, monitor_schedule off."""
+    import importlib.util
+    import os
+    import types
+
+    from harness import ansible_env
+
+    spec = importlib.util.spec_from_file_location("run_bench", REPO / "bench" / "run_bench.py")
+    rb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rb)
+    args = rb.parse_args([])
+    assert args.regions == 4 and "regions" in args.contender_list
+    assert rb.DEPLOY_PLAYBOOK == REPO / "deploy_dedup.yml" and rb.DEPLOY_PLAYBOOK.exists()
+
+    cluster = types.SimpleNamespace(port=5999, superuser="bench_su", password="s3cret")
+    ctx = {"cluster": cluster}
+    dbs = ["bench_regions3_r1", "bench_regions3_r2", "bench_regions3_r3"]
+    inv, secret = rb.write_regions_inventory(ctx, tmp_path, dbs, "bench-test-regions3")
+    assert os.stat(secret).st_mode & 0o777 == 0o600
+    proc = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(inv), "--list"],
+                          cwd=REPO, env=ansible_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    hosts = ["bench-r1-db", "bench-r2-db", "bench-r3-db"]
+    assert doc["db"]["hosts"] == hosts
+    assert not doc.get("etl", {}).get("hosts")
+    for i, (host, db) in enumerate(zip(hosts, dbs), 1):
+        assert doc[f"region{i}"]["hosts"] == [host]
+        hv = doc["_meta"]["hostvars"][host]
+        assert hv["dedup_db_name"] == db
+        assert hv["dedup_backup_mode"] == "table" and hv["monitor_schedule"] is False
+        assert hv["dedup_db_port"] == 5999 and hv["dedup_run_id"] == "bench-test-regions3"
