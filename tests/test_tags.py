@@ -72,3 +72,47 @@ def test_unsafe_selections_are_refused_with_a_reason_before_anything_changes(lab
         assert res.rc != 0 and reason in out and "Nothing was changed" in out, (args, out[-3000:])
         assert "preflight" not in role_tasks(res.stdout), args
     assert_nothing_changed(lab, counts, cron, cons)
+
+
+ROLLBACK_STEPS = {"etl_pause", "restore", "rollback_etl", "etl_resume", "rollback_report", "monitor"}
+
+
+def deploy_status(lab) -> dict[str, str]:
+    return dict(lab.query("SELECT run_id, status FROM dedup_rollout.runs"))
+
+
+def test_rollback_unsafe_selections_are_refused_before_anything_changes_and_a_safe_one_runs(lab):
+    res = lab.playbook(DEPLOY)
+    assert res.rc == 0, res.output[-5000:]
+    (deploy_id,) = [r for r, s in deploy_status(lab).items() if s == "succeeded"]
+    counts, cron, cons, ledger = lab.counts(), lab.crontab(), unique_constraints(lab), deploy_status(lab)
+    assert lab.current_release().endswith("v2")
+    # refused in the first play (the plan skipped: by every later play's guard), before any step's task runs
+    for args, reason in ((["--tags", "restore"], "restore without etl_pause"),
+                         (["--skip-tags", "rollback_etl"], "restore without rollback_etl"),
+                         (["--skip-tags", "etl_resume"], "etl_pause without etl_resume"),
+                         (["--tags", "rollback_etl,etl_resume"], "rollback_etl without etl_pause"),
+                         (["--tags", "rollback_report"], "rollback_report without restore"),
+                         (["--skip-tags", "always"], "the plan cannot be skipped")):
+        res = lab.playbook(ROLLBACK, *args)
+        out = " ".join(res.output.split())
+        assert res.rc != 0 and reason in out and "Nothing was changed" in out, (args, out[-3000:])
+        assert "Selecting steps" in out, args
+        assert not role_tasks(res.stdout) & ROLLBACK_STEPS, (args, role_tasks(res.stdout))
+        assert (lab.counts(), lab.crontab(), unique_constraints(lab)) == (counts, cron, cons), args
+        assert deploy_status(lab) == ledger and lab.current_release().endswith("v2"), args
+
+    # safe: everything but the record; the rows are back, the release and the cron as before the deploy
+    res = lab.playbook(ROLLBACK, "--skip-tags", "rollback_report")
+    assert res.rc == 0, res.output[-5000:]
+    ran = role_tasks(res.stdout)
+    assert {"etl_pause", "restore", "rollback_etl", "etl_resume"} <= ran, ran
+    assert not ran & {"rollback_report", "monitor"}, ran
+    assert any(v > 0 for v in lab.duplicates().values()), "the removed rows are not back"
+    assert lab.counts() != counts and lab.current_release().endswith("v1") and lab.crontab() == cron
+    assert deploy_status(lab)[deploy_id] == "succeeded", "recorded although rollback_report was skipped"
+    # ... and the next full run records it, with nothing left to put back
+    res = lab.playbook(ROLLBACK)
+    assert res.rc == 0, res.output[-5000:]
+    assert deploy_status(lab)[deploy_id] == "rolled_back" and deploy_status(lab)[deploy_id + "-rollback"] == "succeeded"
+    assert lab.current_release().endswith("v1") and lab.crontab() == cron
