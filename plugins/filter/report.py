@@ -151,7 +151,8 @@ def _deploy_lines(db: dict) -> list[str]:
 
 def _rollback_lines(db: dict) -> list[str]:
     where = f" at {db['server']}" if db.get("server") else ""
-    head_line = f"{db.get('host', '?')}: {db.get('database', '?')}{where}"
+    region = f"region {db['region']}: " if db.get("region") else ""
+    head_line = f"{region}{db.get('host', '?')}: {db.get('database', '?')}{where}"
     if not db.get("target_deploy"):
         last = db.get("last_deploy") or {}
         if last.get("run_id"):

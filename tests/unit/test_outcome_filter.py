@@ -60,3 +60,9 @@ def test_the_summary_lists_every_region():
     assert "regions: r1 succeeded; r2 failed; r3 succeeded" in text
     stats = report.dedup_summary_stats({"kind": "deploy", "databases": dbs})
     assert [d["outcome"] for d in stats["databases"]] == ["succeeded", "failed", "succeeded"]
+
+
+def test_the_rollback_summary_names_the_region():
+    db = {"host": "db-a", "database": "d", "region": "austin", "target_deploy": "r1", "tables": []}
+    text = report.dedup_summary({"kind": "rollback", "run_id": "2", "environment": "x", "databases": [db]})
+    assert "region austin: db-a: d (deploy r1 rolled back" in text
