@@ -142,12 +142,12 @@ import datetime
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_ledger import Ledger
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
     connect,
     error_text,
     pg_common_argument_spec,
-    relation_exists,
     validate_identifier,
 )
 from ansible.module_utils.dedup_pg import utc_iso as iso
@@ -161,11 +161,7 @@ RUN_FIELDS = ("run_id", "kind", "status", "environment", "backup_mode", "target_
               "dump_host", "started_at", "finished_at")
 
 
-def _runs(cur, schema, where, params):
-    cols = sql.SQL(", ").join(sql.Identifier(c) for c in RUN_FIELDS)
-    cur.execute(sql.SQL("SELECT {} FROM {} WHERE ").format(cols, sql.Identifier(schema, "runs")) + where
-                + sql.SQL(" ORDER BY started_at DESC"), params)
-    return [dict(zip(RUN_FIELDS, r)) for r in cur.fetchall()]
+BACKUP_FIELDS = ("schema_name", "table_name", "natural_key", "keep", "order_by", "backup_table", "backup_mode")
 
 
 def plan(cur, p, schema):
@@ -174,34 +170,30 @@ def plan(cur, p, schema):
     now = cur.fetchone()[0]
     out = {"deploy": None, "backup_tables": [], "backup_bytes": 0, "refusals": [], "forced": [], "allowed": False,
            "retention_ends": None, "now": iso(now), "last_check": None, "cleanups": []}
-    if not (relation_exists(cur, schema, "runs") and relation_exists(cur, schema, "table_runs")):
+    ledger = Ledger(schema)
+    if not ledger.exists(cur):
         out["refusals"].append("there is no dedup-rollout ledger (%s.runs) in this database: nothing to clean" % schema)
         return out
-    if p["run_id"]:
-        deploys = _runs(cur, schema, sql.SQL("run_id = %s AND kind = 'deploy'"), (p["run_id"],))
-    else:
-        deploys = _runs(cur, schema, sql.SQL("kind = 'deploy'"), ())[:1]
-    if not deploys:
+    deploy = ledger.latest_deploy(cur, RUN_FIELDS, p["run_id"])
+    if deploy is None:
         out["refusals"].append("no deploy %s in the ledger: nothing to clean"
                                % (p["run_id"] if p["run_id"] else "at all"))
         return out
-    deploy = deploys[0]
     run_id = deploy["run_id"]
     out["deploy"] = {k: iso(v) for k, v in deploy.items()}
 
-    cur.execute(sql.SQL("SELECT schema_name, table_name, natural_key, keep, order_by, backup_table, backup_mode "
-                        "FROM {} WHERE run_id = %s AND backup_table IS NOT NULL ORDER BY table_name")
-                .format(sql.Identifier(schema, "table_runs")), (run_id,))
-    for s, t, key, keep, order_by, backup, mode in cur.fetchall():
+    for row in ledger.table_rows(cur, run_id, BACKUP_FIELDS, with_backup_table=True):
         cur.execute("SELECT pg_total_relation_size(to_regclass(format('%%I.%%I', %s::text, %s::text)))",
-                    (schema, backup))
+                    (schema, row["backup_table"]))
         size = cur.fetchone()[0]
-        out["backup_tables"].append({"schema": s, "table": t, "natural_key": list(key), "keep": keep,
-                                     "order_by": order_by, "backup_table": backup, "backup_mode": mode,
-                                     "exists": size is not None, "bytes": int(size) if size is not None else 0})
+        out["backup_tables"].append({"schema": row["schema_name"], "table": row["table_name"],
+                                     "natural_key": list(row["natural_key"]), "keep": row["keep"],
+                                     "order_by": row["order_by"], "backup_table": row["backup_table"],
+                                     "backup_mode": row["backup_mode"], "exists": size is not None,
+                                     "bytes": int(size) if size is not None else 0})
     out["backup_bytes"] = sum(b["bytes"] for b in out["backup_tables"] if b["exists"])
 
-    others = _runs(cur, schema, sql.SQL("target_run_id = %s"), (run_id,))
+    others = ledger.runs(cur, RUN_FIELDS, target_run_id=run_id)
     rollbacks = [r for r in others if r["kind"] == "rollback"]
     out["cleanups"] = [{"run_id": r["run_id"], "status": r["status"], "finished_at": iso(r["finished_at"])}
                        for r in others if r["kind"] == "cleanup"]
@@ -229,17 +221,13 @@ def plan(cur, p, schema):
                             "kept until %s (now %s)" % (p["retention_days"], run_id, iso(reference), iso(ends),
                                                         iso(now)))
     if deploy["status"] == "succeeded":
-        check = None
-        if relation_exists(cur, schema, "monitor_checks"):
-            cur.execute(sql.SQL("SELECT checked_at, source, clean, problems FROM {} WHERE deploy_run_id = %s "
-                                "ORDER BY checked_at DESC, check_id DESC LIMIT 1")
-                        .format(sql.Identifier(schema, "monitor_checks")), (run_id,))
-            check = cur.fetchone()
+        check = ledger.last_check(cur, run_id) if ledger.checks_exist(cur) else None
         if check is None:
             refusals.append("no monitoring check of deploy %s is recorded: run playbooks/monitor.yml first, so "
                             "the backups go only once the tables are known to be clean" % run_id)
         else:
-            checked_at, source, clean, problems = check
+            checked_at, source, clean, problems = (check["checked_at"], check["source"], check["clean"],
+                                                   check["problems"])
             out["last_check"] = {"checked_at": iso(checked_at), "source": source, "clean": clean,
                                  "problems": list(problems or [])}
             if not clean:

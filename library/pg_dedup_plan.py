@@ -130,6 +130,7 @@ slots_unknown:
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_ledger import STARTED_AT_TEXT, Ledger
 from ansible.module_utils.dedup_locks import lock_sessions
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
@@ -138,7 +139,6 @@ from ansible.module_utils.dedup_pg import (
     error_text,
     find_equivalent_unique,
     get_table,
-    ledger_owners,
     logical_slots,
     pg_common_argument_spec,
     replica_identity,
@@ -156,46 +156,28 @@ from ansible.module_utils.dedup_pg import (
 )
 from ansible.module_utils.dedup_plan import backup_table_name
 
-try:
-    from psycopg2 import sql
-except ImportError:  # pragma: no cover
-    sql = None
+# What the plan returns of the earlier runs; started_at as text under the key "to_char" (what preflight's plan.yml
+# prints when it resumes a run).
+PLAN_RUN_COLUMNS = ("run_id", "kind", "status", "environment", "dump_path", "dump_sha256", "dump_bytes", "dump_host",
+                    "etl_release_before", STARTED_AT_TEXT)
+PLAN_TABLE_COLUMNS = ("table_name", "status", "backup_table", "constraint_name", "constraint_created", "rows_before",
+                      "rows_kept", "rows_removed", "keep_fingerprint")
 
 
 def _ledger(cur, backup_schema, run_id, resume):
-    cur.execute(
-        "SELECT to_regclass(format('%%I.%%I', %s::text, 'runs')) IS NOT NULL, "
-        "to_regclass(format('%%I.%%I', %s::text, 'table_runs')) IS NOT NULL",
-        (backup_schema, backup_schema),
-    )
-    runs_ok, tables_ok = cur.fetchone()
-    out = {"exists": bool(runs_ok and tables_ok), "resumed_run": None, "table_status": {}, "runs": []}
+    ledger = Ledger(backup_schema)
+    out = {"exists": ledger.exists(cur), "resumed_run": None, "table_status": {}, "runs": []}
     deploy_id, resumed = run_id, False
     if not out["exists"]:
         return out, deploy_id, resumed
-    runs = sql.Identifier(backup_schema, "runs")
-    cur.execute(
-        sql.SQL(
-            "SELECT run_id, kind, status, environment, dump_path, dump_sha256, dump_bytes, dump_host, "
-            "etl_release_before, to_char(started_at, 'YYYY-MM-DD\"T\"HH24:MI:SSOF') "
-            "FROM {} ORDER BY started_at DESC LIMIT 20"
-        ).format(runs)
-    )
-    cols = [d[0] for d in cur.description]
-    out["runs"] = [dict(zip(cols, r)) for r in cur.fetchall()]
+    out["runs"] = [{("to_char" if k == STARTED_AT_TEXT else k): v for k, v in r.items()}
+                   for r in ledger.runs(cur, PLAN_RUN_COLUMNS, limit=20)]
     unfinished = [r for r in out["runs"] if r["kind"] == "deploy" and r["status"] in ("running", "failed")]
     if resume and unfinished:
         deploy_id, resumed = unfinished[0]["run_id"], True
         out["resumed_run"] = unfinished[0]
-    cur.execute(
-        sql.SQL(
-            "SELECT table_name, status, backup_table, constraint_name, constraint_created, rows_before, rows_kept, "
-            "rows_removed, keep_fingerprint FROM {} WHERE run_id = %s"
-        ).format(sql.Identifier(backup_schema, "table_runs")),
-        (deploy_id,),
-    )
-    cols = [d[0] for d in cur.description]
-    out["table_status"] = {r[0]: dict(zip(cols, r)) for r in cur.fetchall()}
+    out["table_status"] = {r["table_name"]: r for r in ledger.table_rows(cur, deploy_id, PLAN_TABLE_COLUMNS,
+                                                                         order=None)}
     return out, deploy_id, resumed
 
 
@@ -479,7 +461,7 @@ def main():
                                       ledger["table_status"]))
         stage = "neighbours"
         slots, slots_unknown = logical_slots(cur)
-        ledger["owners"] = ledger_owners(cur, p["backup_schema"])
+        ledger["owners"] = Ledger(p["backup_schema"]).owners(cur)
         refuse, warn = _refusals(p, server["database"], tables, slots, slots_unknown, ledger["owners"])
         conn.rollback()
         conn.close()

@@ -13,6 +13,7 @@ description:
   - C(action=run) inserts or updates one run row (C(runs)); changed only when a value changes.
   - C(action=table) updates one table row of a run (C(table_runs)); changed only when a value changes.
   - C(action=read) returns runs and table rows (read-only).
+  - A thin module over C(module_utils/dedup_ledger.py), the one owner of the ledger's SQL and column lists.
   - Check mode writes nothing and reports what would change.
 version_added: "1.0.0"
 author: dedup-rollout
@@ -80,39 +81,17 @@ after:
   type: dict
 """
 
-import json
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_ledger import Ledger, changed, jsonable
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
     connect,
     error_text,
     pg_common_argument_spec,
-    relation_exists,
     validate_identifier,
 )
-
-try:
-    from psycopg2 import sql
-except ImportError:  # pragma: no cover
-    sql = None
-
-RUN_COLUMNS = {"kind", "status", "environment", "mode", "backup_mode", "target_run_id", "dump_path", "dump_bytes",
-               "dump_sha256", "dump_host", "etl_release_before", "etl_release_after", "finished_at", "details"}
-TABLE_COLUMNS = {"status", "constraint_name", "constraint_created", "size_after", "finished_at", "natural_key", "keep",
-                 "order_by", "size_before", "rows_before", "rows_kept", "rows_removed", "backup_mode", "backup_table"}
-
-
-def ledger_exists(cur, schema):
-    return relation_exists(cur, schema, "table_runs")
-
-
-def _jsonable(row, cols):
-    out = {}
-    for c, v in zip(cols, row):
-        out[c] = v.isoformat() if hasattr(v, "isoformat") else (float(v) if v.__class__.__name__ == "Decimal" else v)
-    return out
 
 
 def busy_sessions(cur):
@@ -127,39 +106,15 @@ def busy_sessions(cur):
             for r in cur.fetchall()]
 
 
-def do_read(cur, schema, run_id):
+def do_read(cur, ledger, run_id):
     busy = busy_sessions(cur)
-    if not ledger_exists(cur, schema):
+    if not ledger.exists(cur):
         return {"exists": False, "runs": [], "tables": [], "busy_sessions": busy}
-    cur.execute(sql.SQL("SELECT * FROM {} ORDER BY started_at DESC").format(sql.Identifier(schema, "runs")))
-    cols = [d[0] for d in cur.description]
-    runs = [_jsonable(r, cols) for r in cur.fetchall()]
+    runs = [{k: jsonable(v) for k, v in r.items()} for r in ledger.runs(cur)]
     tables = []
     if run_id:
-        cur.execute(sql.SQL("SELECT * FROM {} WHERE run_id = %s ORDER BY started_at NULLS LAST, table_name")
-                    .format(sql.Identifier(schema, "table_runs")), (run_id,))
-        cols = [d[0] for d in cur.description]
-        tables = [_jsonable(r, cols) for r in cur.fetchall()]
+        tables = [{k: jsonable(v) for k, v in r.items()} for r in ledger.table_rows(cur, run_id, order="started")]
     return {"exists": True, "runs": runs, "tables": tables, "busy_sessions": busy}
-
-
-def _assignments(values, allowed, module):
-    sets, params = [], []
-    for col, val in sorted(values.items()):
-        if col not in allowed:
-            module.fail_json(msg="pg_ledger: unknown column %r (allowed: %s)" % (col, ", ".join(sorted(allowed))))
-        if col == "finished_at":
-            sets.append(sql.SQL("finished_at = clock_timestamp()") if val in ("now", True) else
-                        sql.SQL("finished_at = %s"))
-            if val not in ("now", True):
-                params.append(val)
-        elif col == "details":
-            sets.append(sql.SQL("details = details || %s::jsonb"))
-            params.append(json.dumps(val))
-        else:
-            sets.append(sql.SQL("{} = %s").format(sql.Identifier(col)))
-            params.append(val)
-    return sets, params
 
 
 def main():
@@ -179,19 +134,20 @@ def main():
     p = module.params
     schema = validate_identifier(p["backup_schema"], "backup schema", module)
     try:
+        ledger = Ledger(schema)
         conn = connect(module, autocommit=False)
         cur = conn.cursor()
         if p["action"] == "read":
-            out = do_read(cur, schema, p["run_id"])
+            out = do_read(cur, ledger, p["run_id"])
             conn.rollback()
             module.exit_json(changed=False, **out)
-        exists = ledger_exists(cur, schema)
+        exists = ledger.exists(cur)
         if p["action"] == "init":
             if exists:
                 module.exit_json(changed=False, msg="ledger present")
             if module.check_mode:
                 module.exit_json(changed=True, msg="would create the ledger schema %s" % schema)
-            cur.execute(p["init_sql"])
+            ledger.create(cur, p["init_sql"])
             conn.commit()
             module.exit_json(changed=True, msg="ledger schema %s created" % schema)
         if not exists:
@@ -199,52 +155,15 @@ def main():
                 module.exit_json(changed=True, msg="would record %s in a new ledger" % p["run_id"])
             module.fail_json(msg="the ledger %s does not exist yet (run action=init first)" % schema)
         if p["action"] == "run":
-            runs = sql.Identifier(schema, "runs")
-            cur.execute(sql.SQL("SELECT row_to_json(r)::text FROM {} r WHERE run_id = %s").format(runs), (p["run_id"],))
-            row = cur.fetchone()
-            before = json.loads(row[0]) if row else None
-            values = dict(p["values"])
-            if before is None:
-                if "kind" not in values or "status" not in values:
-                    module.fail_json(msg="a new run needs values.kind and values.status")
-                cur.execute(sql.SQL("INSERT INTO {} (run_id, kind, status) VALUES (%s, %s, %s)").format(runs),
-                            (p["run_id"], values["kind"], values["status"]))
-            sets, params = _assignments(values, RUN_COLUMNS, module)
-            if sets:
-                cur.execute(sql.SQL("UPDATE {} SET {} WHERE run_id = %s").format(runs, sql.SQL(", ").join(sets)),
-                            params + [p["run_id"]])
-            cur.execute(sql.SQL("SELECT row_to_json(r)::text FROM {} r WHERE run_id = %s").format(runs), (p["run_id"],))
-            after = json.loads(cur.fetchone()[0])
+            before, after = ledger.put_run(cur, p["run_id"], p["values"])
         else:
-            trs = sql.Identifier(schema, "table_runs")
-            key = (p["run_id"], p["schema"], p["table"])
-            cur.execute(sql.SQL("SELECT row_to_json(r)::text FROM {} r WHERE run_id = %s AND schema_name = %s "
-                                "AND table_name = %s").format(trs), key)
-            row = cur.fetchone()
-            before = json.loads(row[0]) if row else None
-            if row is None:
-                vals = p["values"]
-                if not vals.get("natural_key") or not vals.get("status"):
-                    conn.rollback()
-                    module.fail_json(msg="no ledger row for table %s.%s in run %s (give values.natural_key and "
-                                         "values.status to create one)" % (p["schema"], p["table"], p["run_id"]))
-                cur.execute(sql.SQL("INSERT INTO {} (run_id, schema_name, table_name, natural_key, keep, order_by, "
-                                    "status, started_at) VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp())")
-                            .format(trs), list(key) + [vals["natural_key"], vals.get("keep", "oldest"),
-                                                       vals.get("order_by", ""), vals["status"]])
-            sets, params = _assignments(p["values"], TABLE_COLUMNS, module)
-            cur.execute(sql.SQL("UPDATE {} SET {} WHERE run_id = %s AND schema_name = %s AND table_name = %s")
-                        .format(trs, sql.SQL(", ").join(sets)), params + list(key))
-            cur.execute(sql.SQL("SELECT row_to_json(r)::text FROM {} r WHERE run_id = %s AND schema_name = %s "
-                                "AND table_name = %s").format(trs), key)
-            after = json.loads(cur.fetchone()[0])
-        ignore = {"finished_at"}
-        changed = before is None or any(before.get(k) != after.get(k) for k in after if k not in ignore)
-        if module.check_mode or not changed:
+            before, after = ledger.put_table(cur, p["run_id"], p["schema"], p["table"], p["values"])
+        differs = changed(before, after)
+        if module.check_mode or not differs:
             conn.rollback()
         else:
             conn.commit()
-        module.exit_json(changed=changed, before=before, after=after)
+        module.exit_json(changed=differs, before=before, after=after)
     except DedupPgError as exc:
         module.fail_json(msg=str(exc))
     except Exception as exc:  # noqa: BLE001

@@ -141,24 +141,18 @@ check_id:
   type: int
 """
 
-import json
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_ledger import Ledger
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
     connect,
     error_text,
     pg_common_argument_spec,
-    relation_exists,
     validate_identifier,
 )
 from ansible.module_utils.dedup_pg import utc_iso as iso
-
-try:
-    from psycopg2 import sql
-except ImportError:  # pragma: no cover
-    sql = None
 
 RUN_FIELDS = ("run_id", "kind", "status", "environment", "mode", "backup_mode", "target_run_id", "dump_path",
               "dump_bytes", "dump_host", "started_at", "finished_at", "details")
@@ -169,36 +163,24 @@ def server_now(cur, now):
     return cur.fetchone()[0]
 
 
-def do_status(cur, p, schema):
-    out = {"ledger_exists": relation_exists(cur, schema, "runs") and relation_exists(cur, schema, "table_runs"),
-           "deploy": None, "last_check": None, "checks_table": relation_exists(cur, schema, "monitor_checks"),
-           "deploy_age_seconds": None}
+def do_status(cur, p, ledger):
+    present = ledger.present(cur)
+    out = {"ledger_exists": bool(present["runs"] and present["table_runs"]), "deploy": None, "last_check": None,
+           "checks_table": bool(present["monitor_checks"]), "deploy_age_seconds": None}
     now = server_now(cur, p["now"])
     out["now"] = iso(now)
     if not out["ledger_exists"]:
         return out
-    cols = sql.SQL(", ").join(sql.Identifier(c) for c in RUN_FIELDS)
-    if p["run_id"]:
-        cur.execute(sql.SQL("SELECT {} FROM {} WHERE run_id = %s AND kind = 'deploy'")
-                    .format(cols, sql.Identifier(schema, "runs")), (p["run_id"],))
-    else:
-        cur.execute(sql.SQL("SELECT {} FROM {} WHERE kind = 'deploy' ORDER BY started_at DESC LIMIT 1")
-                    .format(cols, sql.Identifier(schema, "runs")))
-    row = cur.fetchone()
-    if row is None:
+    deploy = ledger.latest_deploy(cur, RUN_FIELDS, p["run_id"])
+    if deploy is None:
         return out
-    out["deploy"] = {k: iso(v) for k, v in zip(RUN_FIELDS, row)}
-    finished = row[RUN_FIELDS.index("finished_at")]
-    if finished is not None:
-        out["deploy_age_seconds"] = int((now - finished).total_seconds())
+    out["deploy"] = {k: iso(v) for k, v in deploy.items()}
+    if deploy["finished_at"] is not None:
+        out["deploy_age_seconds"] = int((now - deploy["finished_at"]).total_seconds())
     if out["checks_table"]:
-        cur.execute(sql.SQL("SELECT check_id, checked_at, source, clean, problems, host FROM {} "
-                            "WHERE deploy_run_id = %s ORDER BY checked_at DESC, check_id DESC LIMIT 1")
-                    .format(sql.Identifier(schema, "monitor_checks")), (out["deploy"]["run_id"],))
-        c = cur.fetchone()
-        if c:
-            out["last_check"] = {"check_id": c[0], "checked_at": iso(c[1]), "source": c[2], "clean": c[3],
-                                 "problems": list(c[4] or []), "host": c[5]}
+        check = ledger.last_check(cur, deploy["run_id"])
+        if check:
+            out["last_check"] = dict(check, checked_at=iso(check["checked_at"]))
     return out
 
 
@@ -245,8 +227,9 @@ def main():
     try:
         conn = connect(module, autocommit=False)
         cur = conn.cursor()
+        ledger = Ledger(schema)
         if p["action"] == "status":
-            out = do_status(cur, p, schema)
+            out = do_status(cur, p, ledger)
             conn.rollback()
             module.exit_json(changed=False, **out)
         if p["action"] == "sizes":
@@ -254,11 +237,11 @@ def main():
             conn.rollback()
             module.exit_json(changed=False, **out)
         if p["action"] == "init":
-            if relation_exists(cur, schema, "monitor_checks"):
+            if ledger.checks_exist(cur):
                 module.exit_json(changed=False, msg="%s.monitor_checks present" % schema)
             if module.check_mode:
                 module.exit_json(changed=True, msg="would create %s.monitor_checks" % schema)
-            cur.execute(p["init_sql"])
+            ledger.create(cur, p["init_sql"])
             conn.commit()
             module.exit_json(changed=True, msg="%s.monitor_checks created" % schema)
         # record
@@ -267,14 +250,10 @@ def main():
             conn.rollback()
             module.exit_json(changed=True, now=iso(now), msg="would record a %s check of %s"
                              % ("clean" if p["clean"] else "failed", p["run_id"]))
-        if not relation_exists(cur, schema, "monitor_checks"):
+        if not ledger.checks_exist(cur):
             module.fail_json(msg="%s.monitor_checks does not exist (run action=init first)" % schema)
-        cur.execute(sql.SQL("INSERT INTO {} (deploy_run_id, checked_at, source, clean, environment, host, "
-                            "duplicate_rows, problems, details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                            "RETURNING check_id").format(sql.Identifier(schema, "monitor_checks")),
-                    (p["run_id"], now, p["source"], p["clean"], p["environment"] or None, p["inventory_host"] or None,
-                     p["duplicate_rows"], p["problems"], json.dumps(p["details"])))
-        check_id = cur.fetchone()[0]
+        check_id = ledger.record_check(cur, p["run_id"], now, p["source"], p["clean"], p["environment"] or None,
+                                       p["inventory_host"] or None, p["duplicate_rows"], p["problems"], p["details"])
         conn.commit()
         module.exit_json(changed=True, check_id=check_id, now=iso(now))
     except DedupPgError as exc:

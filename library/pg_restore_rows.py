@@ -167,6 +167,7 @@ import tempfile
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_ledger import Ledger
 from ansible.module_utils.dedup_locks import (
     LockRetriesExhausted,
     PlayGone,
@@ -232,6 +233,8 @@ class Restorer:
         self.p = module.params
         self.queries = []
         self.cur = None
+        # the ledger's statements run (and are listed in queries) in the restore's own transaction
+        self.ledger = Ledger(self.p["backup_schema"], execute=lambda _cur, stmt, params: self.q(stmt, params))
 
     def q(self, query, params=None):
         text = query.as_string(self.cur) if hasattr(query, "as_string") else query
@@ -375,10 +378,7 @@ class Restorer:
         cur = self.cur
         target = qualified(p["schema"], p["table"])
         self.q("SET LOCAL lock_timeout = %s", (p["lock_timeout"],))
-        self.q(sql.SQL("SELECT status FROM {} WHERE run_id = %s AND schema_name = %s AND table_name = %s")
-               .format(qualified(p["backup_schema"], "table_runs")), (p["run_id"], p["schema"], p["table"]))
-        row = cur.fetchone()
-        ledger_status = row[0] if row else None
+        ledger_status = self.ledger.table_status(cur, p["run_id"], p["schema"], p["table"])
         out = {"source": source, "restored": 0, "present": 0, "source_rows": 0, "ledger_marked": False}
         if source == "table":
             rel = qualified(p["backup_schema"], p["backup_table"])
@@ -445,9 +445,7 @@ class Restorer:
         if ledger_status is not None and ledger_status != "rolled_back":
             out["ledger_marked"] = True
             if not check:
-                self.q(sql.SQL("UPDATE {} SET status = 'rolled_back' WHERE run_id = %s AND schema_name = %s "
-                               "AND table_name = %s").format(qualified(p["backup_schema"], "table_runs")),
-                       (p["run_id"], p["schema"], p["table"]))
+                self.ledger.mark_rolled_back(cur, p["run_id"], p["schema"], p["table"])
         return out
 
     def run(self):

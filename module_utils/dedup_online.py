@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import time
 
+from ansible.module_utils.dedup_ledger import Ledger
 from ansible.module_utils.dedup_locks import (
     LockRetriesExhausted,
     PlayGone,
@@ -207,7 +208,8 @@ class OnlineDedup:
         self.func = sql.Identifier(p["backup_schema"], guard_function_name(p["schema"], p["table"]))
         self.helper = helper_index_name(p["table"])
         self.backup = sql.Identifier(p["backup_schema"], p["backup_table"]) if p["backup_table"] else None
-        self.ledger = sql.Identifier(p["backup_schema"], "table_runs")
+        # the table's ledger row: written (and listed in queries) in the transactions of the work it records
+        self.ledger = Ledger(p["backup_schema"], execute=self.execute)
 
     def state(self):
         """What the catalog says about this table's online migration."""
@@ -323,27 +325,19 @@ class OnlineDedup:
                 "pg_catalog.aclexplode(c.relacl) a WHERE c.oid = {rel}::regclass AND a.grantee NOT IN (0, c.relowner) "
                 "LOOP EXECUTE format('REVOKE ALL ON %s FROM %s', {rel}::regclass, g); END LOOP; END $dedup_acl$"
             ).format(rel=sql.Literal(self._text(self.backup))))
-        stmts.append(sql.SQL(
-            "INSERT INTO {ledger} (run_id, schema_name, table_name, natural_key, keep, order_by, status, strategy, "
-            "backup_mode, backup_table, rows_removed, size_before, started_at) "
-            "VALUES ({run}, {schema}, {table}, {key}, {keep}, {order}, 'deduplicated', 'online', {mode}, {btable}, 0, "
-            "pg_catalog.pg_total_relation_size({regclass}::regclass), clock_timestamp()) "
-            "ON CONFLICT (run_id, schema_name, table_name) DO NOTHING"
-        ).format(ledger=self.ledger, run=sql.Literal(p["run_id"]), schema=sql.Literal(p["schema"]),
-                 table=sql.Literal(p["table"]), key=sql.Literal(list(p["natural_key"])),
-                 keep=sql.Literal(p["keep"]), order=sql.Literal(self.order_by),
-                 mode=sql.Literal(p["backup_mode"]), btable=sql.Literal(p["backup_table"]),
-                 regclass=sql.Literal(self._text(self.tbl))))
         self.conn.autocommit = False
         with self.conn.cursor() as cur:
-            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self._text(self.ledger),))
-            if not cur.fetchone()[0]:
+            if not Ledger(p["backup_schema"]).exists(cur):
                 self.conn.rollback()
                 self.conn.autocommit = True
                 raise DedupPgError("the ledger %s does not exist: the backup role creates it (run deploy_dedup.yml)"
-                                   % self._text(self.ledger))
+                                   % self.ledger.name("table_runs"))
             for stmt in stmts:
                 self.execute(cur, stmt)
+            self.ledger.start_table(cur, p["run_id"], p["schema"], p["table"], p["natural_key"], p["keep"],
+                                    self.order_by, "deduplicated", size_of=self._text(self.tbl), if_absent=True,
+                                    strategy="online", backup_mode=p["backup_mode"], backup_table=p["backup_table"],
+                                    rows_removed=0)
         self.conn.commit()
         self.conn.autocommit = True
         self.step("backup_table", time.monotonic() - t0)
@@ -435,10 +429,6 @@ class OnlineDedup:
                 delete=delete, backup=self.backup)
         else:
             stmt = delete
-        counter = sql.SQL(
-            "UPDATE {ledger} SET rows_removed = coalesce(rows_removed, 0) + %(n)s "
-            "WHERE run_id = %(run)s AND schema_name = %(schema)s AND table_name = %(table)s").format(
-                ledger=self.ledger)
         if max_id is None:
             return
         lo = None
@@ -451,7 +441,7 @@ class OnlineDedup:
             if whi is None:
                 break
             b0 = time.monotonic()
-            removed += self.batch(stmt, counter, lo, whi)
+            removed += self.batch(stmt, lo, whi)
             self.result["longest_batch_seconds"] = max(self.result["longest_batch_seconds"],
                                                        round(time.monotonic() - b0, 3))
             batches += 1
@@ -464,7 +454,7 @@ class OnlineDedup:
         self.result["rows_removed"] += removed
         self.step("batches", time.monotonic() - t0, batches=batches, rows_removed=removed)
 
-    def batch(self, stmt, counter, lo, whi):
+    def batch(self, stmt, lo, whi):
         """One window: delete + backup copy + ledger counter in one transaction (retried on lock timeouts)."""
         p = self.p
 
@@ -474,7 +464,7 @@ class OnlineDedup:
             self.execute(cur, stmt, {"lo": lo, "whi": whi})
             n = max(cur.rowcount, 0)
             if n:
-                self.execute(cur, counter, {"n": n, "run": p["run_id"], "schema": p["schema"], "table": p["table"]})
+                self.ledger.add_removed(cur, p["run_id"], p["schema"], p["table"], n)
             return n
 
         return self.with_retries(attempt, "a batch of its duplicate rows")[0]
@@ -520,19 +510,10 @@ class OnlineDedup:
     def finish_ledger(self, rows_before):
         p = self.p
         with self.conn.cursor() as cur:
-            self.execute(cur, sql.SQL(
-                "UPDATE {ledger} SET rows_before = coalesce(rows_before, %(before)s), "
-                "rows_kept = coalesce(rows_before, %(before)s) - rows_removed, "
-                "finished_at = clock_timestamp(), seconds = extract(epoch FROM clock_timestamp() - started_at), "
-                "constraint_name = %(cname)s, constraint_created = true, "
-                "size_after = pg_catalog.pg_total_relation_size(%(reg)s::regclass) "
-                "WHERE run_id = %(run)s AND schema_name = %(schema)s AND table_name = %(table)s "
-                "RETURNING rows_before, rows_kept, rows_removed"
-            ).format(ledger=self.ledger), {"before": rows_before, "cname": self.cname, "reg": self._text(self.tbl),
-                                            "run": p["run_id"], "schema": p["schema"], "table": p["table"]})
-            row = cur.fetchone()
+            row = self.ledger.finish_table(cur, p["run_id"], p["schema"], p["table"], rows_before, self.cname,
+                                           self._text(self.tbl))
         if row:
-            self.result["ledger"] = {"rows_before": row[0], "rows_kept": row[1], "rows_removed": row[2]}
+            self.result["ledger"] = row
 
     # ------------------------------------------------------------------ space
     def sizes(self):

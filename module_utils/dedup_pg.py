@@ -619,26 +619,6 @@ def replica_identity(cur, table_oid):
     return {"mode": mode, "has_primary_key": bool(has_pk), "usable": bool(usable)}
 
 
-LEDGER_TABLES = ("runs", "table_runs", "monitor_checks")
-
-
-def ledger_owners(cur, schema):
-    """Owner of the ledger schema and of its ledger tables (None when absent), and the connecting role."""
-    cur.execute(
-        "SELECT current_user::text, (SELECT pg_catalog.pg_get_userbyid(n.nspowner)::text "
-        "FROM pg_catalog.pg_namespace n WHERE n.nspname = %s)",
-        (schema,),
-    )
-    user, schema_owner = cur.fetchone()
-    cur.execute(
-        "SELECT c.relname::text, pg_catalog.pg_get_userbyid(c.relowner)::text FROM pg_catalog.pg_class c "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = ANY (%s) ORDER BY 1",
-        (schema, list(LEDGER_TABLES)),
-    )
-    return {"current_user": user, "schema_owner": schema_owner, "tables": dict(cur.fetchall())}
-
-
 def total_size(cur, oid):
     """pg_total_relation_size of a table, or of all its partitions when it is partitioned (the parent has none)."""
     cur.execute(
