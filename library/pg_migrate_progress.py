@@ -122,6 +122,10 @@ rows_read:
   description: Rows read from the dump so far (C(pg_stat_progress_copy)), or null outside that phase.
   returned: when kind is restore and running
   type: int
+rows_back:
+  description: Rows put back so far by a restore that runs in slices (C(kind=restore); null otherwise).
+  returned: when kind is restore and running
+  type: int
 msg:
   description: One readable line.
   returned: always
@@ -131,6 +135,7 @@ msg:
 import contextlib
 import glob
 import os
+import re
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -322,14 +327,20 @@ def restore_progress(cur, p):
                     (s["pid"],))
         copied = cur.fetchone()
     q = s["query"].lstrip().upper()
+    back = re.match(r"/\* DEDUP-ROLLOUT RESTORE: (\d+) OF (\d+) ROWS PUT BACK \*/\s*INSERT", q)
     if copied:
         line = "%s: reading the table's rows from the dump: %d rows, %s so far" % (where, copied[0], human(copied[1]))
+    elif back:
+        done, total = int(back.group(1)), int(back.group(2))
+        line = "%s: putting back the removed rows: %d of %d back (%.0f%%), this slice running %.1f s" % (
+            where, done, total, 100.0 * done / max(total, 1), s["seconds"] or 0)
     elif q.startswith("INSERT"):
         line = "%s: putting back the removed rows%s: the insert has run %.1f s" % (where, expect, s["seconds"] or 0)
     else:
         line = "%s: restoring%s rows, %s (%.1f s)" % (where, expect, " ".join(q.split())[:60].lower() or "working",
                                                       s["seconds"] or 0)
-    return {"msg": line + lock_text(found), "pid": s["pid"], "rows_read": copied[0] if copied else None}
+    return {"msg": line + lock_text(found), "pid": s["pid"], "rows_read": copied[0] if copied else None,
+            "rows_back": int(back.group(1)) if back and not copied else None}
 
 
 READERS = {"dump": dump_progress, "index": index_progress, "restore": restore_progress}

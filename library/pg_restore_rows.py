@@ -105,6 +105,13 @@ options:
     description: Seconds between attempts.
     type: float
     default: 3
+  batch_rows:
+    description:
+      - Put the rows back in slices of about this many rows (by blocks of the source table, PostgreSQL 14 and
+        later), all in the table's one transaction, so the progress line can say how many are back. C(0) = one
+        statement.
+    type: int
+    default: 100000
   run_lock_id:
     description:
       - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Between two attempts the
@@ -372,6 +379,34 @@ class Restorer:
 
     # ------------------------------------------------------------------ the transaction
 
+    def insert_in_batches(self, rel, insert, missing, order, todo):
+        """Run ``insert + missing + order``; for ``batch_rows`` or more rows from a plain table on PostgreSQL 14+
+        (TID range scans), in slices of the source's blocks, all in this one transaction. Each statement opens
+        with a comment saying how many rows are back so far, which pg_migrate_progress (kind=restore) shows.
+        Returns the rows inserted."""
+        cur = self.cur
+        batch = self.p["batch_rows"]
+        cur.execute("SELECT current_setting('server_version_num')::int, c.relkind,"
+                    " pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::bigint"
+                    " FROM pg_catalog.pg_class c WHERE c.oid = %s::regclass", (rel.as_string(cur),))
+        version, relkind, blocks = cur.fetchone()
+        if batch <= 0 or todo < batch or version < 140000 or relkind != "r" or blocks < 2:
+            self.q(sql.SQL("/* dedup-rollout restore: 0 of {} rows put back */ ").format(sql.SQL(str(int(todo))))
+                   + insert + missing + order)
+            return cur.rowcount
+        step = max(1, -(-blocks * batch // max(todo, 1)))  # blocks per slice, about batch_rows rows each
+        done = 0
+        for start in range(0, blocks, step):
+            last = start + step >= blocks
+            rng = sql.SQL(" AND s.ctid >= {}::tid").format(sql.Literal("(%d,0)" % start))
+            if not last:  # the last slice is open-ended: rows on blocks added since the size was read count too
+                rng += sql.SQL(" AND s.ctid < {}::tid").format(sql.Literal("(%d,0)" % (start + step)))
+            note = sql.SQL("/* dedup-rollout restore: {} of {} rows put back */ ").format(
+                sql.SQL(str(int(done))), sql.SQL(str(int(todo))))
+            self.q(note + insert + missing + rng + order)
+            done += cur.rowcount
+        return done
+
     def attempt(self, conn, info, source, entry):
         p = self.p
         check = self.module.check_mode
@@ -430,11 +465,10 @@ class Restorer:
                                                                                   sql.Identifier(t["name"])))
                 overriding = sql.SQL(" OVERRIDING SYSTEM VALUE") if any(
                     c["identity"] == "a" and c["name"] in insert_cols for c in info["columns"]) else sql.SQL("")
-                self.q(sql.SQL("INSERT INTO {target} ({cols}){ov} SELECT {scols} ").format(
+                insert = sql.SQL("INSERT INTO {target} ({cols}){ov} SELECT {scols} ").format(
                     target=target, cols=col_ids, ov=overriding,
                     scols=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in insert_cols))
-                    + missing + order)
-                todo = cur.rowcount
+                todo = self.insert_in_batches(rel, insert, missing, order, todo)
                 for t in triggers:
                     mode = {"O": "", "A": "ALWAYS ", "R": "REPLICA "}[t["enabled"]]
                     self.q(sql.SQL("ALTER TABLE {}{} ENABLE {}TRIGGER {}").format(
@@ -523,6 +557,7 @@ def main():
         lock_timeout=dict(type="str", default="5s"),
         retries=dict(type="int", default=5),
         retry_delay=dict(type="float", default=3),
+        batch_rows=dict(type="int", default=100000),
         run_lock_id=dict(type="str", default=""),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)

@@ -137,3 +137,23 @@ def test_the_reader_measures_a_partial_dump_and_says_when_nothing_runs(pg, fresh
         assert not res.get("failed") and res["running"] is False, res
     res = run_module("pg_migrate_progress", pg_args(pg, fresh_db, kind="dump", wait=0))
     assert res.get("failed") and "needs path" in res["msg"], res
+
+
+def test_a_restore_in_slices_says_how_many_rows_are_back(lab):
+    """A rollback puts the removed rows back in slices (restore_batch_rows) within the table's one transaction;
+    the progress line counts them. Made slow on purpose: a NOT VALID CHECK calling pg_sleep on every new row."""
+    counts = lab.counts()
+    res = lab.playbook(DEPLOY)
+    assert res.rc == 0, res.output[-4000:]
+    lab.admin_conn().cursor().execute("""
+        CREATE FUNCTION public.slow_ok() RETURNS boolean LANGUAGE sql AS $$ SELECT pg_sleep(0.0003) IS NOT NULL $$;
+        ALTER TABLE breezeway.task_requirements ADD CONSTRAINT slow CHECK (public.slow_ok()) NOT VALID""")
+    res = lab.playbook(REPO / "rollback.yml", extra_vars={
+        "dedup_progress_interval": 1, "dedup_progress_min_rows": 0, "restore_batch_rows": 3000})
+    assert res.rc == 0, res.output[-4000:]
+    back = [(int(a), int(b)) for a, b in re.findall(
+        r"^\[lab-db\] breezeway\.task_requirements: putting back the removed rows: (\d+) of (\d+) back \(\d+%\)",
+        res.stdout, re.M)]
+    assert back and any(0 < a < b for a, b in back), res.output[-4000:]
+    assert back[-1][1] == counts["task_requirements"] - lab.unique_counts()["task_requirements"]
+    assert lab.counts() == counts
