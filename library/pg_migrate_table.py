@@ -19,7 +19,7 @@ description:
   - In check mode nothing is executed; the module says what it would run.
 version_added: "1.0.0"
 author: dedup-rollout
-extends_documentation_fragment: [dedup_pg]
+extends_documentation_fragment: [dedup_pg, dedup_pg.run_lock]
 options:
   sql:
     description: The rendered migration text.
@@ -50,13 +50,6 @@ options:
     description:
       - The deploy's run id. Every statement is sent with a leading comment naming the run, the table, the step and
         the attempt, so that C(pg_migrate_progress) (or anyone looking at C(pg_stat_activity)) sees where it is.
-    type: str
-    default: ''
-  run_lock_id:
-    description:
-      - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Before every retry the
-        module checks that the lock's holder session is still there, and stops if it is not (the play was killed),
-        also when it runs under C(async) where its parent process is not the play.
     type: str
     default: ''
   progress_interval:

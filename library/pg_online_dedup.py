@@ -22,7 +22,7 @@ description:
   - Check mode changes nothing and says what would be done.
 version_added: "1.0.0"
 author: dedup-rollout
-extends_documentation_fragment: [dedup_pg]
+extends_documentation_fragment: [dedup_pg, dedup_pg.run_lock]
 options:
   schema: {description: Schema of the table., type: str, required: true}
   table: {description: The table., type: str, required: true}
@@ -57,12 +57,6 @@ options:
     description: pg_repack C(--wait-timeout) in seconds (it gives up rather than kill sessions).
     type: int
     default: 10
-  run_lock_id:
-    description:
-      - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Between two batches
-        the module stops once that lock's holder session is gone (the play was killed).
-    type: str
-    default: ''
 notes:
   - Writers must use READ COMMITTED (the default) for the guard to see concurrent new keys; a duplicate that
     still gets in makes the unique index build fail, and the module deduplicates once more.

@@ -32,7 +32,7 @@ description:
   - The dump's checksum is not verified here; the playbook verifies it once per dump before calling this.
 version_added: "1.0.0"
 author: dedup-rollout
-extends_documentation_fragment: [dedup_pg]
+extends_documentation_fragment: [dedup_pg, dedup_pg.run_lock]
 options:
   schema:
     description: Schema of the table.
@@ -112,13 +112,6 @@ options:
         statement.
     type: int
     default: 100000
-  run_lock_id:
-    description:
-      - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Between two attempts the
-        module stops once that lock's holder session is gone (the play was killed), also under C(async) where its
-        parent process is not the play. Without it only a change of the parent process tells.
-    type: str
-    default: ''
 notes:
   - Needs psycopg2 on the target, and pg_restore for a dump restore. Supports check mode.
 """

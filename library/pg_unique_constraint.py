@@ -28,7 +28,7 @@ description:
     Supports C(--diff).
 version_added: "1.0.0"
 author: dedup-rollout
-extends_documentation_fragment: [dedup_pg]
+extends_documentation_fragment: [dedup_pg, dedup_pg.run_lock]
 options:
   schema:
     description: Schema of the table.
@@ -77,13 +77,6 @@ options:
     description: C(statement_timeout) for each DDL statement (C(0) = none). A statement timeout is not retried.
     type: str
     default: "0"
-  run_lock_id:
-    description:
-      - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Between two attempts the
-        module stops once that lock's holder session is gone (the play was killed), also under C(async) where its
-        parent process is not the play. Without it only a change of the parent process tells.
-    type: str
-    default: ''
 notes:
   - Needs psycopg2 on the target. Supports check mode and diff mode.
 """

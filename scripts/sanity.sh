@@ -35,7 +35,7 @@ cp module_utils/*.py "$coll/plugins/module_utils/"
 cp plugins/doc_fragments/*.py "$coll/plugins/doc_fragments/"
 sed -i -E \
   -e 's/\bansible\.module_utils\.(dedup_[a-z_]+)/ansible_collections.dedup.rollout.plugins.module_utils.\1/g' \
-  -e 's/^(extends_documentation_fragment: *\[ *)dedup_pg( *\])/\1dedup.rollout.dedup_pg\2/' \
+  -e '/^extends_documentation_fragment:/ s/([[ ,])dedup_pg\b/\1dedup.rollout.dedup_pg/g' \
   -e 's/^( *- *)dedup_pg *$/\1dedup.rollout.dedup_pg/' \
   "$coll"/plugins/modules/*.py "$coll"/plugins/module_utils/*.py
 # Author rule aside: a published collection's author line needs a GitHub handle ("Name (@handle)"); ours

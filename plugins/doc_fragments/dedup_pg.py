@@ -69,3 +69,17 @@ notes:
 requirements:
   - psycopg2 on the host the module runs on
 """
+
+    # extends_documentation_fragment: [dedup_pg, dedup_pg.run_lock] -- the modules that wait for locks or work
+    # in batches and stop once the play that started them is gone (module_utils/dedup_locks.py PlayWatch).
+    RUN_LOCK = r"""
+options:
+  run_lock_id:
+    description:
+      - The C(run_id) under which the play holds its C(pg_run_lock) lock (empty = no lock). Between two lock
+        attempts (or two batches) the module stops once that lock's holder session is gone (the play was killed),
+        also under C(async) where its parent process is not the play. Without it only a change of the parent
+        process tells.
+    type: str
+    default: ''
+"""
