@@ -60,6 +60,7 @@ def test_deploy_through_ansible_runner_laid_out_as_awx(pg, fresh_db, lab_templat
         "dedup_db_host": "127.0.0.1", "dedup_db_port": pg.port, "dedup_db_name": fresh_db, "dedup_db_user": OWNER,
         "dedup_schema": "app", "dedup_tables": [{"name": "items", "natural_key": ["k"]}],
         "dedup_backup_dir": str(tmp_path / "backups"), "dedup_report_root": str(tmp_path / "reports"),
+        "monitor_schedule": False,  # the scheduled check writes system paths (/etc/cron.d ...)
     }))
     monkeypatch.setenv("PATH", f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     envvars = {

@@ -80,7 +80,9 @@ def db_only_inventory(path: Path, *, port: int, dbname: str, user: str, password
                  "ansible_python_interpreter": sys.executable},
     }}
     main = {"dedup_db_host": "127.0.0.1", "dedup_db_port": port, "dedup_db_name": dbname, "dedup_db_user": user,
-            "dedup_backup_dir": str(root / "backups"), "dedup_report_root": str(root / "reports")}
+            "dedup_backup_dir": str(root / "backups"), "dedup_report_root": str(root / "reports"),
+            # The scheduled check writes system paths (/etc/cron.d ...): off, as in labkit's inventories.
+            "monitor_schedule": False}
     main.update(extra or {})
     (path / "hosts.yml").write_text(yaml.safe_dump(hosts, sort_keys=False))
     (path / "group_vars" / "all" / "main.yml").write_text(yaml.safe_dump(main, sort_keys=False))
