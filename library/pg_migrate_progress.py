@@ -13,7 +13,8 @@ description:
     C(estimate_bytes), and whether pg_dump's session waits for a lock (and who holds it); once pg_dump is done,
     that the archive is being read back.
   - C(kind=index) - the UNIQUE index build of C(pg_unique_constraint) on C(schema.table) - phase, blocks and tuples
-    from C(pg_stat_progress_create_index), or the lock its DDL waits for.
+    from C(pg_stat_progress_create_index), or the lock its DDL waits for. With C(tables) (its list mode), the first
+    of those tables with a running build or DDL session.
   - C(kind=restore) - C(pg_restore_rows) on C(schema.table) - rows read from the dump so far
     (C(pg_stat_progress_copy)), or the insert of the removed rows and how long it runs, and lock waits.
   - C(kind=migrate) (the default), as follows.
@@ -42,6 +43,13 @@ options:
   table:
     description: The table (all kinds but C(dump)).
     type: str
+  tables:
+    description:
+      - Instead of C(schema) and C(table) - the tables of a list-mode call, each a C([schema, table]) pair, in order -
+        C(kind=index) for C(pg_unique_constraint), C(kind=migrate) for C(pg_migrate_table); the reader follows
+        whichever of them is being worked on.
+    type: list
+    elements: list
   path:
     description: Final path of the dump; its C(.partial-*) files are measured (C(kind=dump)).
     type: path
@@ -161,11 +169,12 @@ SERVER_PROGRESS = (
 
 
 def find(cur, p):
+    """The migration session of run_id working on schema.table (or on any of ``tables``), or None."""
+    wanted = [[str(x) for x in pair] for pair in p["tables"]] if p.get("tables") else [[p["schema"], p["table"]]]
     cur.execute(ACTIVITY, (len(MARKER_PREFIX), MARKER_PREFIX))
     for pid, state, query, wtype, wevent, blockers, step_s, xact_s in cur.fetchall():
         mark = parse_marker(query)
-        if not mark or mark.get("run") != p["run_id"] or mark.get("schema") != p["schema"] \
-                or mark.get("table") != p["table"]:
+        if not mark or mark.get("run") != p["run_id"] or [mark.get("schema"), mark.get("table")] not in wanted:
             continue
         if state != "active" and mark.get("step") != "retry_wait":
             if state == "idle":
@@ -190,7 +199,10 @@ def server_progress(cur, pid):
 def describe(p, found, extra):
     mark = found["mark"]
     step = mark.get("step")
-    where = "%s.%s" % (p["schema"], p["table"])
+    where = "%s.%s" % (mark.get("schema"), mark.get("table"))
+    if p.get("tables") and len(p["tables"]) > 1:
+        wanted = [[str(x) for x in pair] for pair in p["tables"]]
+        where += " (table %d of %d)" % (wanted.index([mark.get("schema"), mark.get("table")]) + 1, len(wanted))
     if step == "retry_wait":
         return "%s: attempt %s hit a lock timeout; %s" % (where, mark.get("attempt"), STEP_TEXT["retry_wait"])
     line = "%s: step %s/%s '%s', %s: %.1f s in this step, %.1f s in the transaction (attempt %s)" % (
@@ -282,19 +294,31 @@ def dump_progress(cur, p):
 
 
 INDEX_PROGRESS = """
-SELECT pid, phase, blocks_done, blocks_total, tuples_done, tuples_total, lockers_done, lockers_total
-FROM pg_catalog.pg_stat_progress_create_index
-WHERE datname = current_database() AND relid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+SELECT u.ord, pid, phase, blocks_done, blocks_total, tuples_done, tuples_total, lockers_done, lockers_total
+FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY u(s, t, ord)
+JOIN pg_catalog.pg_stat_progress_create_index p ON p.relid = to_regclass(format('%%I.%%I', u.s, u.t))
+WHERE p.datname = current_database()
+ORDER BY u.ord LIMIT 1
+"""
+
+LOCKED_TABLE = """
+SELECT u.ord, l.pid
+FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY u(s, t, ord)
+JOIN pg_catalog.pg_locks l ON l.relation = to_regclass(format('%%I.%%I', u.s, u.t))
+WHERE l.pid = ANY (%s::int[])
+ORDER BY u.ord LIMIT 1
 """
 
 
 def index_progress(cur, p):
-    where = "%s.%s" % (p["schema"], p["table"])
-    cur.execute(INDEX_PROGRESS, (p["schema"], p["table"]))
+    pairs = [(str(s), str(t)) for s, t in p["tables"]] if p.get("tables") else [(p["schema"], p["table"])]
+    schemas, tables = [s for s, _ in pairs], [t for _, t in pairs]
+    cur.execute(INDEX_PROGRESS, (schemas, tables))
     row = cur.fetchone()
     found = sessions(cur, "pg_unique_constraint")
     if row:
-        pid, phase, bdone, btotal, tdone, ttotal, ldone, ltotal = row
+        ord_, pid, phase, bdone, btotal, tdone, ttotal, ldone, ltotal = row
+        where = "%s.%s" % pairs[ord_ - 1]
         line = "%s: UNIQUE index build: %s" % (where, phase)
         if btotal:
             line += ", blocks %d of %d (%.0f%%)" % (bdone, btotal, 100.0 * bdone / btotal)
@@ -308,6 +332,15 @@ def index_progress(cur, p):
                                                  "tuples_done": tdone, "tuples_total": ttotal}, "pid": pid}
     if found:
         s = found[0]
+        where = "%s.%s" % pairs[0]
+        if len(pairs) > 1:  # list mode: the table its session holds or waits for a lock on
+            cur.execute(LOCKED_TABLE, (schemas, tables, [f["pid"] for f in found]))
+            locked = cur.fetchone()
+            if locked:
+                where = "%s.%s" % pairs[locked[0] - 1]
+                s = next(f for f in found if f["pid"] == locked[1])
+            else:
+                where = "UNIQUE constraints of %d tables" % len(pairs)
         return {"msg": "%s: constraint DDL running %.1f s%s" % (where, s["seconds"] or 0, lock_text(found) or
                                                                " (" + " ".join(s["query"].split())[:80] + ")"),
                 "pid": s["pid"]}
@@ -349,7 +382,10 @@ READERS = {"dump": dump_progress, "index": index_progress, "restore": restore_pr
 def other_kind(module, conn, p):
     if p["kind"] == "dump" and not p["path"]:
         module.fail_json(msg="kind=dump needs path (the dump's final path)")
-    if p["kind"] != "dump" and not (p["schema"] and p["table"]):
+    if p["kind"] == "index" and p["tables"]:
+        if not all(isinstance(pair, list) and len(pair) == 2 and all(pair) for pair in p["tables"]):
+            module.fail_json(msg="tables must list [schema, table] pairs")
+    elif p["kind"] != "dump" and not (p["schema"] and p["table"]):
         module.fail_json(msg="kind=%s needs schema and table" % p["kind"])
     deadline = time.monotonic() + max(0.0, p["wait"])
     with conn.cursor() as cur:
@@ -371,6 +407,7 @@ def main():
         run_id=dict(type="str", default=""),
         schema=dict(type="str"),
         table=dict(type="str"),
+        tables=dict(type="list", elements="list"),
         path=dict(type="path"),
         estimate_bytes=dict(type="int", default=0),
         rows=dict(type="int", default=-1),
@@ -381,8 +418,10 @@ def main():
     conn = connect(module, autocommit=True, application_name="progress", readonly=True)
     if p["kind"] != "migrate":
         other_kind(module, conn, p)
-    if not (p["run_id"] and p["schema"] and p["table"]):
-        module.fail_json(msg="kind=migrate needs run_id, schema and table")
+    if p["tables"] and not all(isinstance(pair, list) and len(pair) == 2 and all(pair) for pair in p["tables"]):
+        module.fail_json(msg="tables must list [schema, table] pairs")
+    if not (p["run_id"] and (p["tables"] or (p["schema"] and p["table"]))):
+        module.fail_json(msg="kind=migrate needs run_id, and schema and table (or tables)")
     deadline = time.monotonic() + max(0.0, p["wait"])
     found = None
     with conn.cursor() as cur:
@@ -393,8 +432,9 @@ def main():
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         if found is None:
             conn.close()
+            what = "%s.%s" % (p["schema"], p["table"]) if not p["tables"] else "%d table(s)" % len(p["tables"])
             module.exit_json(changed=False, running=False,
-                             msg="%s.%s: the migration's session is not working on it now" % (p["schema"], p["table"]))
+                             msg="%s: the migration's session is not working on it now" % what)
         extra = server_progress(cur, found["pid"])
     conn.close()
     mark = found["mark"]

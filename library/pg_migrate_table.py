@@ -6,8 +6,11 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: pg_migrate_table
-short_description: Apply one table's rendered deduplication in a single transaction
+short_description: Apply rendered deduplications, one transaction per table
 description:
+  - One table (C(sql), C(schema), C(table)) or many in one call (C(tables), as the role does it, one module run
+    for every table of the step, in order, stopping at the first table that fails; the tables before it stay
+    committed).
   - Runs the C(-- @step) sections of a migration rendered from C(sql/migrate_table.sql.j2) in one
     transaction (the file's own BEGIN/COMMIT are replaced by the module's), timing every step.
   - When a lock cannot be had within the file's C(lock_timeout) (or another session holds an older
@@ -22,17 +25,44 @@ author: dedup-rollout
 extends_documentation_fragment: [dedup_pg, dedup_pg.run_lock]
 options:
   sql:
-    description: The rendered migration text.
+    description: The rendered migration text (one table; with C(schema) and C(table)).
     type: str
-    required: true
   schema:
     description: Schema of the table (for the post-commit maintenance and messages).
     type: str
-    required: true
   table:
     description: The table.
     type: str
-    required: true
+  tables:
+    description:
+      - Many tables in one call, applied in this order, each in its own transaction exactly as the one-table form
+        does. Mutually exclusive with C(sql) and C(table).
+    type: list
+    elements: dict
+    suboptions:
+      schema:
+        description: Schema of the table.
+        type: str
+        required: true
+      table:
+        description: The table.
+        type: str
+        required: true
+      strategy:
+        description: replace or delete.
+        type: str
+        default: replace
+        choices: [replace, delete]
+      sql:
+        description: The table's rendered migration text.
+        type: str
+        required: true
+  ledger_schema:
+    description:
+      - The ledger's schema (the backup schema). When set with C(run_id), the table's C(size_after) is written into
+        its ledger row after the commit (the row the migration's own ledger step wrote).
+    type: str
+    default: ''
   strategy:
     description: replace or delete (delete is followed by VACUUM FULL).
     type: str
@@ -66,6 +96,12 @@ options:
 """
 
 EXAMPLES = r"""
+- name: Deduplicate every rendered table in one call
+  pg_migrate_table:
+    login_db: breezeway
+    tables: "{{ rendered.tables }}"   # from dedup_render_sql: schema, table, strategy, sql
+    run_id: "{{ deploy_id }}"
+    ledger_schema: dedup_backup
 - name: Deduplicate task_requirements
   pg_migrate_table:
     login_db: breezeway
@@ -75,6 +111,18 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+results:
+  description:
+    - With C(tables), one entry per table done, in order, with the keys of the one-table form (changed, ledger, steps,
+      attempts, seconds, size_after, msg) plus C(schema) and C(table). When a table fails, the entries of the tables
+      before it.
+  returned: when tables is given
+  type: list
+  elements: dict
+failed_table:
+  description: With C(tables), the table that failed (nothing changed in it).
+  returned: failure with tables
+  type: str
 ledger:
   description: rows_before, rows_kept, rows_removed, keep_fingerprint as recorded in the ledger.
   returned: success
@@ -103,6 +151,7 @@ import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_ledger import Ledger
 from ansible.module_utils.dedup_locks import (
     LockRetriesExhausted,
     PlayGone,
@@ -185,39 +234,36 @@ def show_waiting(conn, marker):
             conn.autocommit = False
 
 
-def main():
-    argument_spec = pg_common_argument_spec()
-    argument_spec.update(
-        sql=dict(type="str", required=True),
-        schema=dict(type="str", required=True),
-        table=dict(type="str", required=True),
-        strategy=dict(type="str", default="replace", choices=["replace", "delete"]),
-        retries=dict(type="int", default=5),
-        retry_delay=dict(type="float", default=3.0),
-        run_id=dict(type="str", default=""),
-        run_lock_id=dict(type="str", default=""),
-        progress_interval=dict(type="float", default=0.0),
-        progress_timeout=dict(type="int", default=86400),
-    )
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
-    p = module.params
-    steps = split_steps(p["sql"])
+class TableFailed(Exception):
+    """One table's migration failed (rolled back); ``msg`` names the table, ``extra`` goes into the result."""
+
+    def __init__(self, msg, **extra):
+        super().__init__(msg)
+        self.msg = msg
+        self.extra = extra
+
+
+def check_steps(module, text, where):
+    steps = split_steps(text)
     if not steps or steps[-1][0] != "ledger":
-        module.fail_json(msg="the migration text has no '-- @step' sections ending with the ledger step; "
-                             "render it from sql/migrate_table.sql.j2")
+        module.fail_json(msg="the migration text of %s has no '-- @step' sections ending with the ledger step; "
+                             "render it from sql/migrate_table.sql.j2" % where)
+    return steps
+
+
+def migrate_one(module, p, job):
+    """Apply one table's migration (``job``: schema, table, strategy, sql) as the single mode does; the result dict,
+    or :class:`TableFailed` (nothing changed in that table)."""
+    where = "%s.%s" % (job["schema"], job["table"])
+    steps = check_steps(module, job["sql"], where)
     started = time.monotonic()
-    if module.check_mode:
-        module.exit_json(changed=True, attempts=0, seconds=0.0, steps=[{"step": n} for n, _ in steps],
-                         msg="would deduplicate %s.%s in one transaction (%d steps)" % (p["schema"], p["table"],
-                                                                                     len(steps)))
     conn = connect(module, autocommit=False)
     watch = PlayWatch(p["run_lock_id"], every=0)
     attempts = 0
     timings = ledger = None
-    where = "%s.%s" % (p["schema"], p["table"])
 
     def marker(name, number):
-        return step_marker(p["run_id"], p["schema"], p["table"], name, number, len(steps), attempts)
+        return step_marker(p["run_id"], job["schema"], job["table"], name, number, len(steps), attempts)
 
     def attempt(number):
         nonlocal attempts
@@ -231,14 +277,14 @@ def main():
     except NoDuplicates:
         conn.rollback()
         conn.close()
-        module.exit_json(changed=False, attempts=attempts, seconds=round(time.monotonic() - started, 3),
-                         steps=[], ledger=None, msg="%s has no duplicates: left as it is" % where)
+        return dict(changed=False, attempts=attempts, seconds=round(time.monotonic() - started, 3),
+                    steps=[], ledger=None, msg="%s has no duplicates: left as it is" % where)
     except PlayGone as gone:
         # The play that started us is gone (killed): do not go on changing the table behind the back of whoever
         # looks next (a re-run or a rollback).
         conn.close()
-        module.fail_json(msg="the play that started the migration of %s is gone; stopped before attempt %d, nothing "
-                             "changed in this table" % (where, gone.attempts + 1), attempts=gone.attempts)
+        raise TableFailed("the play that started the migration of %s is gone; stopped before attempt %d, nothing "
+                          "changed in this table" % (where, gone.attempts + 1), attempts=gone.attempts) from None
     except LockRetriesExhausted as exc:
         last_error = error_text(exc.error, module)
         info = None
@@ -246,49 +292,47 @@ def main():
             conn.rollback()
             conn.autocommit = True
             with conn.cursor() as cur:
-                info = get_table(cur, p["schema"], p["table"])
+                info = get_table(cur, job["schema"], job["table"])
         except (DedupPgError, Exception):  # noqa: BLE001 - best effort for the message
             pass
         holders = sessions_in_the_way(conn, info["oid"]) if info else []
         if "older than this migration" in last_error:
-            module.fail_json(
-                msg="%s was not migrated after %d attempts: other sessions kept a snapshot older than the "
-                    "migration (%s). A reader with such a snapshot (pg_dump, a REPEATABLE READ or SERIALIZABLE "
-                    "transaction, a logical replication table sync) would have seen the table empty after the "
-                    "TRUNCATE, so the migration was rolled back each time; nothing changed in this table. Let them "
-                    "finish and re-run (the run resumes here), or set preflight_strategy: delete (MVCC-safe, slower) "
-                    "for this database." % (where, exc.attempts, last_error),
-                attempts=exc.attempts, blockers=holders)
-        module.fail_json(
-            msg=lock_failure_message(where, exc.attempts, last_error, holders,
-                                     lock_timeout=lock_timeout_of(p["sql"]), delay=p["retry_delay"],
-                                     outcome="nothing changed in this table",
-                                     advice="Stop them (or wait) and re-run: the run resumes here."),
-            attempts=exc.attempts, blockers=holders)
+            raise TableFailed(
+                "%s was not migrated after %d attempts: other sessions kept a snapshot older than the "
+                "migration (%s). A reader with such a snapshot (pg_dump, a REPEATABLE READ or SERIALIZABLE "
+                "transaction, a logical replication table sync) would have seen the table empty after the "
+                "TRUNCATE, so the migration was rolled back each time; nothing changed in this table. Let them "
+                "finish and re-run (the run resumes here), or set preflight_strategy: delete (MVCC-safe, slower) "
+                "for this database." % (where, exc.attempts, last_error),
+                attempts=exc.attempts, blockers=holders) from None
+        raise TableFailed(
+            lock_failure_message(where, exc.attempts, last_error, holders,
+                                 lock_timeout=lock_timeout_of(job["sql"]), delay=p["retry_delay"],
+                                 outcome="nothing changed in this table",
+                                 advice="Stop them (or wait) and re-run: the run resumes here."),
+            attempts=exc.attempts, blockers=holders) from None
     except Exception as exc:  # noqa: BLE001
         if connection_lost(conn, exc):
             # Terminated backend (pg_terminate_backend) or a server restart: the server rolled the
             # transaction back; the ledger row is in it, so this table is simply not done.
-            module.fail_json(
-                msg="the connection to the server was lost during the migration of %s (backend terminated "
-                    "or server restarted: %s); the server rolled the transaction back, nothing changed in this "
-                    "table. Re-run deploy_dedup.yml when the server is back: the run resumes here."
-                    % (where, error_text(exc, module) or type(exc).__name__),
-                attempts=attempts)
-        module.fail_json(
-            msg="migration of %s failed and was rolled back (nothing changed in this table): %s"
-                % (where, error_text(exc, module)),
-            attempts=attempts, exception=traceback.format_exc())
+            raise TableFailed(
+                "the connection to the server was lost during the migration of %s (backend terminated "
+                "or server restarted: %s); the server rolled the transaction back, nothing changed in this "
+                "table. Re-run deploy_dedup.yml when the server is back: the run resumes here."
+                % (where, error_text(exc, module) or type(exc).__name__), attempts=attempts) from None
+        raise TableFailed(
+            "migration of %s failed and was rolled back (nothing changed in this table): %s"
+            % (where, error_text(exc, module)), attempts=attempts, exception=traceback.format_exc()) from None
     # Maintenance after the commit (not in the transaction).
     conn.autocommit = True
     with conn.cursor() as cur:
-        target = sql.Identifier(p["schema"], p["table"])
+        target = sql.Identifier(job["schema"], job["table"])
         t0 = time.monotonic()
-        if p["strategy"] == "delete":
+        if job["strategy"] == "delete":
             # VACUUM FULL queues for ACCESS EXCLUSIVE like the migration did (and everyone queues behind it): never
             # longer than the migration's own lock_timeout. The rows are already committed and recorded, so a
             # timeout only postpones giving the space back.
-            wait = lock_timeout_of(p["sql"], "5s")
+            wait = lock_timeout_of(job["sql"], "5s")
             cur.execute("SELECT set_config('lock_timeout', %s, false)", (wait,))
             try:
                 cur.execute(sql.SQL("VACUUM (FULL, ANALYZE) {}").format(target))
@@ -296,11 +340,10 @@ def main():
                                 "rows": -1})
             except pg_errors.LockNotAvailable as exc:
                 module.warn(
-                    "%s.%s is deduplicated and recorded, but its VACUUM FULL could not get its lock within "
+                    "%s is deduplicated and recorded, but its VACUUM FULL could not get its lock within "
                     "lock_timeout=%s (%s): the space of the removed rows is not given back yet (the table keeps "
                     "its size; new rows reuse it). Run later, when the table is quiet: VACUUM (FULL, ANALYZE) %s; "
-                    "(or pg_repack)." % (p["schema"], p["table"], wait, error_text(exc, module),
-                                       target.as_string(conn)))
+                    "(or pg_repack)." % (where, wait, error_text(exc, module), target.as_string(conn)))
                 timings.append({"step": "vacuum_full_skipped", "seconds": round(time.monotonic() - t0, 3),
                                 "rows": -1})
                 try:  # statistics at least (SHARE UPDATE EXCLUSIVE: readers and writers do not conflict with it)
@@ -311,11 +354,76 @@ def main():
         else:
             cur.execute(sql.SQL("ANALYZE {}").format(target))
             timings.append({"step": "analyze", "seconds": round(time.monotonic() - t0, 3), "rows": -1})
-        cur.execute("SELECT %s::regclass::oid", (sql.Identifier(p["schema"], p["table"]).as_string(conn),))
+        cur.execute("SELECT %s::regclass::oid", (target.as_string(conn),))
         size_after = total_size(cur, cur.fetchone()[0])
+        if p["ledger_schema"] and p["run_id"]:
+            # The table's size after, in its ledger row (the row the migration's own ledger step wrote).
+            Ledger(p["ledger_schema"]).put_table(cur, p["run_id"], job["schema"], job["table"],
+                                                 {"size_after": size_after})
     conn.close()
-    module.exit_json(changed=True, ledger=ledger, steps=timings, attempts=attempts, size_after=size_after,
-                     seconds=round(time.monotonic() - started, 3))
+    return dict(changed=True, ledger=ledger, steps=timings, attempts=attempts, size_after=size_after,
+                seconds=round(time.monotonic() - started, 3))
+
+
+def main():
+    argument_spec = pg_common_argument_spec()
+    argument_spec.update(
+        sql=dict(type="str"),
+        schema=dict(type="str"),
+        table=dict(type="str"),
+        strategy=dict(type="str", default="replace", choices=["replace", "delete"]),
+        tables=dict(type="list", elements="dict", options=dict(
+            schema=dict(type="str", required=True),
+            table=dict(type="str", required=True),
+            strategy=dict(type="str", default="replace", choices=["replace", "delete"]),
+            sql=dict(type="str", required=True),
+        )),
+        ledger_schema=dict(type="str", default=""),
+        retries=dict(type="int", default=5),
+        retry_delay=dict(type="float", default=3.0),
+        run_id=dict(type="str", default=""),
+        run_lock_id=dict(type="str", default=""),
+        progress_interval=dict(type="float", default=0.0),
+        progress_timeout=dict(type="int", default=86400),
+    )
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
+                           mutually_exclusive=[("tables", "sql"), ("tables", "table")],
+                           required_one_of=[("tables", "sql")],
+                           required_together=[("sql", "schema", "table")])
+    p = module.params
+    single = p["tables"] is None
+    jobs = [dict(schema=p["schema"], table=p["table"], strategy=p["strategy"], sql=p["sql"])] if single \
+        else p["tables"]
+    plans = [check_steps(module, job["sql"], "%s.%s" % (job["schema"], job["table"])) for job in jobs]
+    if module.check_mode:
+        results = [dict(schema=job["schema"], table=job["table"], changed=True, attempts=0, seconds=0.0,
+                        steps=[{"step": n} for n, _ in steps],
+                        msg="would deduplicate %s.%s in one transaction (%d steps)" % (
+                            job["schema"], job["table"], len(steps)))
+                   for job, steps in zip(jobs, plans)]
+        if single:
+            module.exit_json(**{k: v for k, v in results[0].items() if k not in ("schema", "table")})
+        module.exit_json(changed=bool(results), results=results,
+                         msg="would deduplicate %d table(s), one transaction each" % len(results))
+    started = time.monotonic()
+    results = []
+    for job in jobs:
+        try:
+            one = migrate_one(module, p, job)
+        except TableFailed as failed:
+            if single:
+                module.fail_json(msg=failed.msg, **failed.extra)
+            done = [r["table"] for r in results if r["changed"]]
+            module.fail_json(
+                msg="%s (tables before it in this step: %s)" % (
+                    failed.msg, ", ".join(done) + " deduplicated and committed" if done else "none changed"),
+                changed=bool(done), results=results, failed_table=job["table"], **failed.extra)
+        if single:
+            module.exit_json(**one)
+        results.append(dict(one, schema=job["schema"], table=job["table"]))
+    changed = [r for r in results if r["changed"]]
+    module.exit_json(changed=bool(changed), results=results, seconds=round(time.monotonic() - started, 3),
+                     msg="%d of %d table(s) deduplicated, one transaction each" % (len(changed), len(results)))
 
 
 if __name__ == "__main__":

@@ -330,6 +330,48 @@ def test_vacuum_full_behind_a_lock_warns_and_keeps_the_committed_migration(lpg, 
         first.close()
 
 
+def test_many_tables_in_one_call_stop_at_the_first_failure_and_keep_the_ones_before(lpg, ldb):
+    """The role's form: one pg_migrate_table call for every table. A table whose lock cannot be had fails the call
+    naming it; the tables before it stay committed and recorded (rows and size_after), the ones after are untouched."""
+    for schema in ("s_a", "s_b", "s_c"):
+        _items(lpg, ldb, schema)
+    ledger(lpg, ldb)
+    jobs = []
+    for schema in ("s_a", "s_b", "s_c"):
+        p = plan(lpg, ldb, schema=schema)
+        assert not p.get("failed"), p
+        t = dict(p["tables"][0], backup_table=f"items_{schema}__r1")  # three plans, one backup schema
+        jobs.append({"schema": schema, "table": "items", "strategy": "replace",
+                     "sql": render_migration(t, lock_timeout="300ms")})
+    holder = lpg.connect(ldb, autocommit=False)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE s_b.items IN ACCESS SHARE MODE")
+        res = run_module("pg_migrate_table", pg_args(lpg, ldb, tables=jobs, run_id="r1", retries=1, retry_delay=0.1,
+                                                     ledger_schema="dedup_rollout"))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert res.get("failed") and res["failed_table"] == "items", res
+    assert "s_b.items" in res["msg"] and "s_a.items deduplicated and committed" not in res["msg"], res["msg"]
+    assert "tables before it in this step: items deduplicated and committed" in res["msg"], res["msg"]
+    assert [(r["schema"], r["changed"]) for r in res["results"]] == [("s_a", True)]
+    assert res["results"][0]["ledger"]["rows_removed"] == 100 and res["results"][0]["size_after"] > 0
+    counts = {s: _sql(lpg, ldb, f"SELECT count(*) FROM {s}.items")[0][0] for s in ("s_a", "s_b", "s_c")}
+    assert counts == {"s_a": 50, "s_b": 150, "s_c": 150}, counts
+    assert _sql(lpg, ldb, "SELECT schema_name, status, size_after > 0 FROM dedup_rollout.table_runs "
+                          "ORDER BY 1") == [("s_a", "deduplicated", True)]
+    # the same call again (the re-run) skips nothing it should not: s_a has no duplicates left, b and c are done
+    again = run_module("pg_migrate_table", pg_args(lpg, ldb, tables=jobs, run_id="r1", retry_delay=0.1,
+                                                   ledger_schema="dedup_rollout"))
+    assert not again.get("failed") and again["changed"], again
+    assert [(r["schema"], r["changed"]) for r in again["results"]] == [("s_a", False), ("s_b", True), ("s_c", True)]
+    assert {s: _sql(lpg, ldb, f"SELECT count(*) FROM {s}.items")[0][0] for s in ("s_a", "s_b", "s_c")} == \
+        {"s_a": 50, "s_b": 50, "s_c": 50}
+    check = run_module("pg_migrate_table", pg_args(lpg, ldb, tables=jobs, run_id="r1"), check=True)
+    assert check["changed"] and len(check["results"]) == 3 and "would deduplicate 3 table(s)" in check["msg"]
+
+
 def test_online_backup_table_is_owner_only_under_default_privileges(lpg, ldb):
     _items(lpg, ldb)
     ledger(lpg, ldb)

@@ -1,7 +1,7 @@
 """Action plugin for pg_migrate_table: run a big table's migration in the background and show its progress.
 
-With ``progress_interval`` > 0 (the migrate role sets it for tables of ``migrate_progress_min_size`` or more) and
-not in check mode, the module runs under Ansible's async wrapper and every ``progress_interval`` seconds
+With ``progress_interval`` > 0 (the migrate role sets it when a table of the call is ``migrate_progress_min_size`` or
+more) and not in check mode, the module runs under Ansible's async wrapper and every ``progress_interval`` seconds
 ``pg_migrate_progress`` says where the migration's session is (step, seconds, lock waits, index build counters):
 the shared mechanism of plugins/action/dedup_progress.py. Without it, the module runs as usual.
 """
@@ -33,6 +33,10 @@ class ActionModule(ProgressAction):
         interval = float(args.get("progress_interval") or 0)
         if interval <= 0:
             return None
-        return {"interval": interval, "timeout": int(args.get("progress_timeout") or 86400),
-                "reader": {"kind": "migrate", "run_id": args.get("run_id") or "", "schema": args["schema"],
-                           "table": args["table"]}}
+        reader = {"kind": "migrate", "run_id": args.get("run_id") or ""}
+        if args.get("tables"):
+            # many tables in one call: the reader follows whichever of them the module is working on
+            reader["tables"] = [[t.get("schema"), t.get("table")] for t in args["tables"]]
+        else:
+            reader.update(schema=args["schema"], table=args["table"])
+        return {"interval": interval, "timeout": int(args.get("progress_timeout") or 86400), "reader": reader}
