@@ -26,23 +26,87 @@ description:
   - C(state=absent) drops only the UNIQUE constraint called C(name), and only if it exists.
   - Check mode runs no DDL at all (catalog reads only) and reports the C(action) it would take.
     Supports C(--diff).
+  - B(List mode) - C(constraints) lists the tables (each with the per-table options C(schema), C(table),
+    C(columns), C(name), C(nulls_not_distinct)); the other options apply to every table. The tables are done in
+    order, in one process and on one connection, each exactly as in single mode; the first failure stops the run
+    and fails it with single mode's message, C(failed_table) and the C(results) of the tables done before it.
+    Between two tables it stops once the play that started it is gone.
+  - In list mode an element's C(record) writes the table's row of the ledger run C(ledger_run_id) (in
+    C(ledger_schema)) right after its constraint, when this run created it (or C(record_always)) - status
+    C(constrained), C(constraint_name), C(natural_key), C(keep), C(order_by), and C(constraint_created=true) when
+    created - through C(module_utils/dedup_ledger.py), as C(pg_ledger action=table) does. Check mode only reads
+    the row.
 version_added: "1.0.0"
 author: dedup-rollout
 extends_documentation_fragment: [dedup_pg, dedup_pg.run_lock]
 options:
   schema:
-    description: Schema of the table.
+    description: Schema of the table (in list mode, of each element that gives none).
     type: str
     default: public
   table:
-    description: The table.
+    description: The table (single mode; required unless C(constraints) is given).
     type: str
-    required: true
   columns:
-    description: The key columns (order is used for a new constraint; any order matches an existing one).
+    description:
+      - The key columns (order is used for a new constraint; any order matches an existing one).
+      - Single mode; required with C(table).
     type: list
     elements: str
-    required: true
+  constraints:
+    description:
+      - List mode - one element per table, done in order. Mutually exclusive with C(table), C(columns) and C(name).
+    type: list
+    elements: dict
+    suboptions:
+      schema:
+        description: Schema of the table (default the module's C(schema)).
+        type: str
+      table:
+        description: The table.
+        type: str
+        required: true
+      columns:
+        description: The key columns (as C(columns) of single mode).
+        type: list
+        elements: str
+        required: true
+      name:
+        description: Constraint name (as C(name) of single mode).
+        type: str
+      nulls_not_distinct:
+        description: As C(nulls_not_distinct) of single mode (default the module's).
+        type: bool
+      record:
+        description:
+          - Record the table's constraint in the ledger run C(ledger_run_id) after it is ensured (C(state=present)
+            only; nothing is recorded without C(ledger_run_id)).
+        type: dict
+        suboptions:
+          natural_key:
+            description: The natural key written to the ledger row (default C(columns)).
+            type: list
+            elements: str
+          keep:
+            description: Which duplicate was kept (the ledger row's C(keep)).
+            type: str
+          order_by:
+            description: The order that decided it (the ledger row's C(order_by)).
+            type: str
+      record_always:
+        description:
+          - With C(record), write the ledger row even when the constraint existed already (otherwise only when
+            this run created it).
+        type: bool
+        default: false
+  ledger_run_id:
+    description: The ledger run whose table rows C(record) writes (list mode; empty = record nothing).
+    type: str
+    default: ""
+  ledger_schema:
+    description: Schema of the ledger (the backup schema, C(dedup_backup_schema)).
+    type: str
+    default: dedup_rollout
   state:
     description: Whether the constraint should exist.
     type: str
@@ -51,10 +115,12 @@ options:
   name:
     description:
       - Constraint name. Default C(<table>_<col1>_<col2>_key), shortened to 63 bytes with a hash suffix.
-      - Required for C(state=absent).
+      - Required for C(state=absent). Single mode (list mode - each element's C(name)).
     type: str
   nulls_not_distinct:
-    description: Create the constraint C(NULLS NOT DISTINCT) (PostgreSQL 15+; fails clearly on older servers).
+    description:
+      - Create the constraint C(NULLS NOT DISTINCT) (PostgreSQL 15+; fails clearly on older servers).
+      - In list mode, the default of the elements.
     type: bool
     default: false
   concurrently:
@@ -104,42 +170,116 @@ EXAMPLES = r"""
     columns: [task_pk, requirement_id]
     name: task_requirements_task_pk_requirement_id_key
     state: absent
+
+- name: Every table at once, each recorded in the ledger (one module call; the migrate role does this)
+  pg_unique_constraint:
+    login_db: breezeway
+    constraints:
+      - schema: breezeway
+        table: task_requirements
+        columns: [task_pk, requirement_id]
+        record: {keep: oldest, order_by: id}
+        record_always: true
+      - schema: breezeway
+        table: task_tags
+        columns: [task_pk, tag_pk]
+        record: {keep: oldest, order_by: id}
+    ledger_run_id: "{{ preflight_deploy_id }}"
+    ledger_schema: dedup_rollout
+    lock_timeout: 5s
+  register: constraints
 """
 
 RETURN = r"""
-
-
 name:
   description: The constraint (or equivalent index) name in effect.
-  returned: always
+  returned: single mode
   type: str
 action:
   description: What was done (or would be done in check mode).
-  returned: always
+  returned: single mode
   type: str
   sample: created
   choices: [created, created_concurrently, attached_index, rebuilt_invalid_index, dropped, none]
 existing:
   description: The equivalent constraint/index found before the run (name, type, definition, valid), or null.
-  returned: always
+  returned: single mode
   type: dict
 queries:
-  description: The SQL statements executed (empty in check mode).
-  returned: always
+  description: The SQL statements executed (empty in check mode); in list mode on failure, those of the failed table.
+  returned: single mode, and on failure
   type: list
   elements: str
 nulls_not_distinct:
   description: The NULLS NOT DISTINCT setting of the constraint in effect (or requested).
-  returned: always
+  returned: single mode
   type: bool
 nullable_columns:
   description: Key columns without NOT NULL.
-  returned: always
+  returned: single mode, when state=present
   type: list
+  elements: str
 duplicates:
   description: Duplicate rows/groups found before DDL (state=present).
-  returned: when state=present
+  returned: single mode, when state=present and no equivalent exists (also on the failure it causes)
   type: dict
+schema:
+  description: Schema of the table.
+  returned: single mode, when state=present
+  type: str
+table:
+  description: The table.
+  returned: single mode, when state=present
+  type: str
+columns:
+  description: The key columns asked for.
+  returned: single mode, when state=present
+  type: list
+  elements: str
+definition:
+  description: The constraint's definition (C(pg_get_constraintdef)) once created.
+  returned: single mode, when a constraint was created (not in check mode)
+  type: str
+results:
+  description:
+    - List mode - one dict per table done, in order, with the keys single mode returns (C(name), C(changed),
+      C(action), C(existing), C(queries), C(nulls_not_distinct), C(nullable_columns), C(duplicates), C(columns),
+      C(definition), C(diff) as they apply) plus C(schema), C(table) and, when recorded, C(ledger).
+    - On failure, the tables done before the one that failed.
+  returned: list mode
+  type: list
+  elements: dict
+  contains:
+    schema:
+      description: Schema of the table.
+      returned: always
+      type: str
+    table:
+      description: The table.
+      returned: always
+      type: str
+    name:
+      description: The constraint (or equivalent index) name in effect.
+      returned: always
+      type: str
+    changed:
+      description: Whether the constraint was created, attached, rebuilt or dropped (would be, in check mode).
+      returned: always
+      type: bool
+    action:
+      description: What was done, as C(action) of single mode.
+      returned: always
+      type: str
+    ledger:
+      description:
+        - The ledger row written (C(record)) - C(changed), C(before) and C(after) (as JSON; C(after) as it would
+          be in check mode). C(changed) of the module is also true when a row changed.
+      returned: when recorded
+      type: dict
+failed_table:
+  description: List mode - the table that failed, as C("schema"."table").
+  returned: failure in list mode
+  type: str
 blocking:
   description:
     - When the locks could not be had, the sessions holding or waiting for locks on the table (pid, user,
@@ -151,15 +291,19 @@ blocking:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.dedup_ledger import Ledger
+from ansible.module_utils.dedup_ledger import changed as ledger_changed
 from ansible.module_utils.dedup_locks import (
     LockRetriesExhausted,
     PlayGone,
     PlayWatch,
     lock_failure_message,
+    play_gone,
     sessions_in_the_way,
     with_lock_retries,
 )
 from ansible.module_utils.dedup_pg import (
+    DedupPgError,
     check_columns,
     connect,
     error_text,
@@ -175,25 +319,44 @@ from ansible.module_utils.dedup_pg import (
 )
 
 UNIQUE_VIOLATION = "23505"
+# The per-table options: of the module in single mode, of each element of ``constraints`` in list mode.
+TABLE_OPTIONS = ("schema", "table", "columns", "name", "nulls_not_distinct")
+
+
+class Failed(Exception):
+    """One table could not be done: ``msg`` as the module reports it, ``extra`` more result keys."""
+
+    def __init__(self, msg, **extra):
+        super().__init__(msg)
+        self.msg = msg
+        self.extra = extra
 
 
 class UniqueConstraint:
-    def __init__(self, module):
+    """One table's constraint: ``spec`` holds TABLE_OPTIONS; the shared options (state, concurrently, lock_timeout,
+    retries, ...) are the module's. ``conn`` (autocommit) is the module's one connection; ``watch`` its PlayWatch."""
+
+    def __init__(self, module, spec, conn=None, watch=None, version=None):
         self.module = module
-        p = module.params
-        self.schema = validate_identifier(p["schema"], "schema", module)
-        self.table = validate_identifier(p["table"], "table", module)
-        self.columns = [validate_identifier(c, "column", module) for c in p["columns"]]
-        default_name = fit_name("_".join([self.table, *self.columns, "key"]))
-        self.name = validate_identifier(p["name"] or default_name, "constraint", module)
+        self.spec = spec
+        try:
+            self.schema = validate_identifier(spec["schema"], "schema")
+            self.table = validate_identifier(spec["table"], "table")
+            if not spec["columns"]:
+                raise Failed("columns must list at least one column")
+            self.columns = [validate_identifier(c, "column") for c in spec["columns"]]
+            default_name = fit_name("_".join([self.table, *self.columns, "key"]))
+            self.name = validate_identifier(spec["name"] or default_name, "constraint")
+        except DedupPgError as exc:
+            raise Failed(str(exc)) from None
         self.queries = []
-        self.conn = None
-        self.cur = None
-        self.watch = PlayWatch(p.get("run_lock_id") or None, every=0)
+        self.conn = conn
+        self.version = version
+        self.watch = watch
 
     # ------------------------------------------------------------------ helpers
     def fail(self, msg, **kw):
-        self.module.fail_json(msg=msg, queries=self.queries, **kw)
+        raise Failed(msg, **kw)
 
     def sqltext(self, query):
         return query.as_string(self.conn) if hasattr(query, "as_string") else str(query)
@@ -212,6 +375,7 @@ class UniqueConstraint:
                     for stmt in statements:
                         cur.execute(stmt)
                 self.conn.commit()
+                self.conn.autocommit = True
             else:
                 self.conn.autocommit = True
                 with self.conn.cursor() as cur:
@@ -311,37 +475,38 @@ class UniqueConstraint:
 
     # ------------------------------------------------------------------ main logic
     def run(self):
+        """The table's result dict; Failed when it cannot be done (nothing is left half done)."""
         m = self.module
         p = m.params
-        self.conn = connect(m, autocommit=True, application_name="pg_unique_constraint")
         try:
             with self.conn.cursor() as cur:
-                self.version = server_version_num(cur)
-                self.info = get_table(cur, self.schema, self.table, m)
-            check_columns(self.info, self.columns, m, what="column")
-            if p["nulls_not_distinct"] and self.version < 150000:
-                self.fail(f"nulls_not_distinct needs PostgreSQL 15 or later; this server is "
-                          f"{self.version // 10000}.{self.version % 10000}")
-            if self.info["partitioned"] and p["concurrently"] and p["state"] == "present":
-                self.fail(f'"{self.schema}"."{self.table}" is a partitioned table: PostgreSQL cannot build its index '
-                          "CONCURRENTLY; use concurrently: false (the key must include the partition key)")
-            if self.info["inherited_by"] or self.info["inherits_from"] and not self.info["is_partition"]:
-                m.warn(f'"{self.schema}"."{self.table}" takes part in table inheritance: a UNIQUE constraint only '
-                       "covers the rows stored in this table itself, not its parents or children")
-            if p["state"] == "absent":
-                return self.absent()
-            return self.present()
-        finally:
-            self.conn.close()
+                if self.version is None:
+                    self.version = server_version_num(cur)
+                self.info = get_table(cur, self.schema, self.table)
+            check_columns(self.info, self.columns, what="column")
+        except DedupPgError as exc:
+            self.fail(str(exc))
+        if self.spec["nulls_not_distinct"] and self.version < 150000:
+            self.fail(f"nulls_not_distinct needs PostgreSQL 15 or later; this server is "
+                      f"{self.version // 10000}.{self.version % 10000}")
+        if self.info["partitioned"] and p["concurrently"] and p["state"] == "present":
+            self.fail(f'"{self.schema}"."{self.table}" is a partitioned table: PostgreSQL cannot build its index '
+                      "CONCURRENTLY; use concurrently: false (the key must include the partition key)")
+        if self.info["inherited_by"] or self.info["inherits_from"] and not self.info["is_partition"]:
+            m.warn(f'"{self.schema}"."{self.table}" takes part in table inheritance: a UNIQUE constraint only '
+                   "covers the rows stored in this table itself, not its parents or children")
+        if p["state"] == "absent":
+            return self.absent()
+        return self.present()
 
     def absent(self):
         m = self.module
-        if not m.params["name"]:
+        if not self.spec["name"]:
             self.fail("state=absent needs name: the constraint to drop (nothing is dropped by guess)")
         found = self.constraint_named(self.name)
         if found is None or not found[2]:
             return dict(changed=False, name=self.name, action="none", existing=None, queries=[],
-                        nulls_not_distinct=m.params["nulls_not_distinct"])
+                        nulls_not_distinct=bool(self.spec["nulls_not_distinct"]))
         contype, definition = found[0], found[1]
         if contype != "u":
             self.fail(f'constraint "{self.name}" on "{self.schema}"."{self.table}" is not a UNIQUE constraint '
@@ -382,7 +547,7 @@ class UniqueConstraint:
     def present(self):
         m = self.module
         p = m.params
-        want_nnd = bool(p["nulls_not_distinct"])
+        want_nnd = bool(self.spec["nulls_not_distinct"])
         nullable = [c["name"] for c in self.info["columns"] if c["name"] in self.columns and not c["not_null"]]
         with self.conn.cursor() as cur:
             candidates = find_equivalent_unique(cur, self.info["oid"], self.columns)
@@ -498,12 +663,160 @@ class UniqueConstraint:
         return result
 
 
+
+# --------------------------------------------------------------------------- the ledger row of a table
+
+
+def record_in_ledger(module, conn, ledger, run_id, result, record):
+    """Write the table's ledger row (what pg_ledger ``action: table`` wrote after each constraint): status
+    constrained, the constraint in effect, the key, keep and order_by, and constraint_created when this run made
+    it. In its own short transaction on the module's connection; check mode reads only. Returns
+    {changed, before, after}."""
+    values = {"status": "constrained", "constraint_name": result["name"],
+              "natural_key": list(record.get("natural_key") or result["columns"]),
+              "keep": record.get("keep"), "order_by": record.get("order_by")}
+    if result["changed"]:
+        values["constraint_created"] = True
+    values = {k: v for k, v in values.items() if v is not None}
+    where = '"%s"."%s"' % (result["schema"], result["table"])
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            if not ledger.exists(cur):
+                if module.check_mode:
+                    return {"changed": True, "before": None, "after": None}
+                raise Failed("the ledger %s does not exist yet (run pg_ledger action=init first); the constraint of "
+                             "%s is in place but not recorded" % (ledger.schema, where))
+            if module.check_mode:
+                before = ledger.table_json(cur, run_id, result["schema"], result["table"])
+                after = dict(before or {"run_id": run_id, "schema_name": result["schema"],
+                                        "table_name": result["table"]})
+                after.update(values)
+            else:
+                before, after = ledger.put_table(cur, run_id, result["schema"], result["table"], values)
+        differs = ledger_changed(before, after)
+        if module.check_mode or not differs:
+            conn.rollback()
+        else:
+            conn.commit()
+        return {"changed": differs, "before": before, "after": after}
+    except DedupPgError as exc:
+        conn.rollback()
+        raise Failed("recording the constraint of %s in the ledger failed: %s" % (where, exc)) from None
+    except psycopg2.Error as exc:
+        conn.rollback()
+        raise Failed("recording the constraint of %s in the ledger failed: %s" % (where, error_text(exc, module))) \
+            from None
+    finally:
+        conn.autocommit = True
+
+
+# --------------------------------------------------------------------------- one table, and the module
+
+
+def ensure_table(module, conn, spec, watch, version=None, ledger=None, run_id=None):
+    """One table, in single and list mode alike: the constraint ensured (or dropped), then, when ``spec`` has a
+    ``record`` and there is a ledger run, the table's ledger row (list mode). Returns (result, queries run);
+    Failed carries the message and the queries run so far."""
+    conn.rollback()
+    conn.autocommit = True
+    uc = UniqueConstraint(module, spec, conn=conn, watch=watch, version=version)
+    try:
+        result = uc.run()
+    except Failed as exc:
+        exc.extra.setdefault("queries", uc.queries)
+        raise
+    except psycopg2.Error as exc:
+        raise Failed('"%s"."%s": %s' % (uc.schema, uc.table, error_text(exc, module)), queries=uc.queries) from None
+    record = spec.get("record")
+    if record is not None and ledger is not None and run_id and module.params["state"] == "present" \
+            and (result["changed"] or spec.get("record_always")):
+        try:
+            result["ledger"] = record_in_ledger(module, conn, ledger, run_id, result, record)
+        except Failed as exc:
+            exc.extra.setdefault("queries", uc.queries)
+            raise
+    return result, uc.version
+
+
+def table_spec(params, element=None):
+    """TABLE_OPTIONS of one table: the module's own (single mode) or a ``constraints`` element, whose schema and
+    nulls_not_distinct default to the module's."""
+    if element is None:
+        return {k: params[k] for k in TABLE_OPTIONS}
+    spec = {k: element.get(k) for k in TABLE_OPTIONS}
+    if spec["schema"] is None:
+        spec["schema"] = params["schema"]
+    if spec["nulls_not_distinct"] is None:
+        spec["nulls_not_distinct"] = params["nulls_not_distinct"]
+    spec["record"] = element.get("record")
+    spec["record_always"] = bool(element.get("record_always"))
+    return spec
+
+
+def where_of(spec):
+    return '"%s"."%s"' % (spec.get("schema"), spec.get("table"))
+
+
+def run_list(module, specs):
+    """List mode: the tables in order on one connection; the first failure stops the run (and fails it) with the
+    single mode's message and the results of the tables done before it."""
+    p = module.params
+    ledger = None
+    if p["ledger_run_id"] and any(s["record"] is not None for s in specs):
+        try:
+            ledger = Ledger(p["ledger_schema"])
+        except DedupPgError as exc:
+            module.fail_json(msg=str(exc), results=[])
+    watch = PlayWatch(p.get("run_lock_id") or None, every=0)
+    conn = connect(module, autocommit=True, application_name="pg_unique_constraint")
+    results, version = [], None
+    try:
+        for number, spec in enumerate(specs):
+            if number and play_gone(conn, watch):
+                module.fail_json(msg="the play that started pg_unique_constraint is gone; stopped before %s (%d of "
+                                     "%d tables done)" % (where_of(spec), number, len(specs)),
+                                 results=results, failed_table=where_of(spec), queries=[])
+            try:
+                result, version = ensure_table(module, conn, spec, watch, version=version, ledger=ledger,
+                                               run_id=p["ledger_run_id"])
+            except Failed as exc:
+                msg = exc.msg
+                if spec["table"] not in msg:  # a few messages do not name the table: say which it is
+                    msg = "%s: %s" % (where_of(spec), msg)
+                module.fail_json(msg=msg, results=results, failed_table=where_of(spec), **exc.extra)
+            result.setdefault("schema", spec["schema"])
+            result.setdefault("table", spec["table"])
+            results.append(result)
+    finally:
+        conn.close()
+    out = dict(changed=any(r["changed"] or (r.get("ledger") or {}).get("changed") for r in results),
+               results=results)
+    diffs = [r["diff"] for r in results if r.get("diff")]
+    if module._diff and diffs:
+        out["diff"] = diffs
+    return out
+
+
 def main():
     argument_spec = pg_common_argument_spec()
     argument_spec.update(
         schema=dict(type="str", default="public"),
-        table=dict(type="str", required=True),
-        columns=dict(type="list", elements="str", required=True),
+        table=dict(type="str"),
+        columns=dict(type="list", elements="str"),
+        constraints=dict(type="list", elements="dict", options=dict(
+            schema=dict(type="str"),
+            table=dict(type="str", required=True),
+            columns=dict(type="list", elements="str", required=True),
+            name=dict(type="str"),
+            nulls_not_distinct=dict(type="bool"),
+            record=dict(type="dict", options=dict(
+                natural_key=dict(type="list", elements="str", no_log=False),
+                keep=dict(type="str"),
+                order_by=dict(type="str"),
+            )),
+            record_always=dict(type="bool", default=False),
+        )),
         state=dict(type="str", choices=["present", "absent"], default="present"),
         name=dict(type="str"),
         nulls_not_distinct=dict(type="bool", default=False),
@@ -513,12 +826,39 @@ def main():
         retry_delay=dict(type="float", default=2),
         statement_timeout=dict(type="str", default="0"),
         run_lock_id=dict(type="str", default=""),
+        ledger_run_id=dict(type="str", default=""),
+        ledger_schema=dict(type="str", default="dedup_rollout"),
     )
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
-    if not module.params["columns"]:
-        module.fail_json(msg="columns must list at least one column")
-    result = UniqueConstraint(module).run()
-    module.exit_json(**result)
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
+                           mutually_exclusive=[("constraints", "table"), ("constraints", "columns"),
+                                               ("constraints", "name")],
+                           required_one_of=[("constraints", "table")],
+                           required_together=[("table", "columns")])
+    p = module.params
+    if p["constraints"] is None:  # single mode: one table, as always
+        spec = table_spec(p)
+        try:
+            UniqueConstraint(module, spec)  # names are checked before connecting
+        except Failed as exc:
+            module.fail_json(msg=exc.msg, **exc.extra)
+        conn = connect(module, autocommit=True, application_name="pg_unique_constraint")
+        try:
+            result = ensure_table(module, conn, spec, PlayWatch(p.get("run_lock_id") or None, every=0))[0]
+        except Failed as exc:
+            module.fail_json(msg=exc.msg, **exc.extra)
+        finally:
+            conn.close()
+        module.exit_json(**result)
+    specs = [table_spec(p, element) for element in p["constraints"]]
+    for spec in specs:  # every name is checked before anything runs
+        try:
+            UniqueConstraint(module, spec)
+        except Failed as exc:
+            module.fail_json(msg="%s: %s" % (where_of(spec), exc.msg), results=[], failed_table=where_of(spec))
+        if spec["record"] is not None and p["state"] == "absent":
+            module.fail_json(msg="%s: record is for state=present only" % where_of(spec), results=[],
+                             failed_table=where_of(spec))
+    module.exit_json(**run_list(module, specs))
 
 
 if __name__ == "__main__":

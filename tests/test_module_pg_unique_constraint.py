@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import threading
 import time
 
+import jinja2
 import psycopg2
 import pytest
 
-from harness import free_port
+from harness import REPO, free_port, run_playbook
 from modkit import ansible_doc, pg_args, run_adhoc, run_module
 
 SETUP = """
@@ -308,3 +311,203 @@ def test_own_valid_index_left_before_attach_is_attached(pg, db):
     assert res["action"] == "attached_index" and "UNIQUE USING INDEX" in res["queries"][0], res
     assert constraint_def(pg, db, "t_a_b_key") == "UNIQUE (a, b)"
     assert uc(pg, db, table="t", columns=["a", "b"])["changed"] is False
+
+
+# --------------------------------------------------------------------------- list mode (constraints: one call)
+
+LEDGER = "dedup_rollout"
+RUN = "20261201T000000Z"
+
+
+def render_sql(name: str, **ctx) -> str:
+    """A template of sql/ rendered with the repo's own filters, as the roles render it."""
+    spec = importlib.util.spec_from_file_location("dedup_filters", REPO / "plugins" / "filter" / "dedup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(REPO / "sql")), keep_trailing_newline=True)
+    env.filters.update(mod.FilterModule().filters())
+    return env.get_template(name).render(**ctx)
+
+
+@pytest.fixture
+def ledger_db(pg, db):
+    """The test database with the project's own ledger and a running deploy; task_tags has its ledger row."""
+    pg.execute(render_sql("ledger.sql.j2", dedup_backup_schema=LEDGER), db)
+    pg.execute(f"INSERT INTO {LEDGER}.runs (run_id, kind, status) VALUES (%s, 'deploy', 'running')", db, (RUN,))
+    pg.execute(f"INSERT INTO {LEDGER}.table_runs (run_id, schema_name, table_name, natural_key, keep, order_by, "
+               "status) VALUES (%s, 'public', 'task_tags', '{task_pk,tag_pk}', 'oldest', 'id', 'deduplicated')",
+               db, (RUN,))
+    return db
+
+
+def ledger_rows(pg, db):
+    return pg.execute(f"SELECT table_name, status, constraint_name, constraint_created, natural_key, keep, order_by "
+                      f"FROM {LEDGER}.table_runs WHERE run_id = %s ORDER BY table_name", db, (RUN,))
+
+
+def element(table, columns, always=False, **kw):
+    return {"table": table, "columns": columns, "record": {"natural_key": columns, "keep": "oldest", "order_by": "id"},
+            "record_always": always, **kw}
+
+
+def test_list_mode_creates_keeps_existing_and_records_in_the_ledger(pg, ledger_db):
+    db = ledger_db
+    pg.execute("ALTER TABLE n ADD CONSTRAINT n_ab UNIQUE (a, b)", db)
+    elements = [element("t", ["a", "b"]),  # created: recorded (constraint_created)
+                element("task_tags", ["tag_pk", "task_pk"], always=True),  # equivalent kept: recorded (always)
+                element("n", ["a", "b"])]  # equivalent kept, not always: not recorded
+    res = uc(pg, db, constraints=elements, ledger_run_id=RUN, ledger_schema=LEDGER)
+    assert res.get("failed") is not True and res["changed"] is True, res
+    got = [(r["schema"], r["table"], r["name"], r["action"], r["changed"]) for r in res["results"]]
+    assert got == [("public", "t", "t_a_b_key", "created", True),
+                   ("public", "task_tags", "task_tags_unique", "none", False),
+                   ("public", "n", "n_ab", "none", False)], got
+    single_keys = set(uc(pg, db, check=True, table="t", columns=["a", "b"]))
+    assert single_keys - {"warnings", "invocation"} <= set(res["results"][0]), single_keys - set(res["results"][0])
+    assert constraint_def(pg, db, "t_a_b_key") == "UNIQUE (a, b)"
+    assert res["results"][0]["ledger"]["changed"] is True and res["results"][0]["ledger"]["before"] is None
+    assert res["results"][1]["ledger"]["before"]["status"] == "deduplicated"
+    assert "ledger" not in res["results"][2]
+    assert ledger_rows(pg, db) == [
+        ("t", "constrained", "t_a_b_key", True, ["a", "b"], "oldest", "id"),
+        ("task_tags", "constrained", "task_tags_unique", False, ["tag_pk", "task_pk"], "oldest", "id"),
+    ]
+    # the same call again: nothing to create, the always-recorded row is as it was: no change at all
+    again = uc(pg, db, constraints=elements, ledger_run_id=RUN, ledger_schema=LEDGER)
+    assert again["changed"] is False, again
+    assert [r["action"] for r in again["results"]] == ["none", "none", "none"]
+    assert again["results"][1]["ledger"]["changed"] is False and "ledger" not in again["results"][0]
+    assert ledger_rows(pg, db)[0][3] is True  # constraint_created stays as the creating run wrote it
+    # without ledger_run_id nothing is recorded
+    pg.execute(f"DELETE FROM {LEDGER}.table_runs", db)
+    assert all("ledger" not in r for r in uc(pg, db, constraints=elements)["results"])
+    assert ledger_rows(pg, db) == []
+
+
+def test_list_mode_stops_at_the_first_failure(pg, ledger_db):
+    db = ledger_db
+    elements = [element("t", ["a", "b"]), element("dups", ["a", "b"], always=True), element("n", ["a", "b"])]
+    res = uc(pg, db, constraints=elements, ledger_run_id=RUN, ledger_schema=LEDGER)
+    assert res["failed"] is True, res
+    assert '"public"."dups" still has 3 duplicate rows in 2 groups' in res["msg"], res["msg"]
+    assert res["failed_table"] == '"public"."dups"' and res["duplicates"]["rows"] == 3
+    assert [(r["table"], r["action"]) for r in res["results"]] == [("t", "created")]
+    assert constraint_def(pg, db, "t_a_b_key") == "UNIQUE (a, b)"
+    assert constraint_def(pg, db, "dups_a_b_key") is None and constraint_def(pg, db, "n_a_b_key") is None
+    assert [r[0] for r in ledger_rows(pg, db)] == ["t", "task_tags"]  # dups not recorded, n never reached
+    # refused before anything runs: a bad name anywhere in the list, or table/columns beside constraints
+    before = catalog(pg, db)
+    res = uc(pg, db, constraints=[element("n", ["a", "b"]), element("t", ["a--"])])
+    assert res["failed"] and "looks like SQL" in res["msg"] and res["results"] == [], res
+    res = uc(pg, db, constraints=[element("n", ["a", "b"])], table="n", columns=["a"])
+    assert res["failed"] and "mutually exclusive" in res["msg"], res
+    assert catalog(pg, db) == before
+
+
+def test_list_mode_check_mode_changes_nothing(pg, ledger_db):
+    db = ledger_db
+    before, rows = catalog(pg, db), ledger_rows(pg, db)
+    elements = [element("t", ["a", "b"]), element("task_tags", ["task_pk", "tag_pk"], always=True),
+                element("dups", ["a", "b"])]
+    res = uc(pg, db, check=True, diff=True, constraints=elements, ledger_run_id=RUN, ledger_schema=LEDGER)
+    assert res.get("failed") is not True and res["changed"] is True, res
+    assert [(r["action"], r["changed"], r["queries"]) for r in res["results"]] == [
+        ("created", True, []), ("none", False, []), ("created", True, [])]
+    assert res["results"][2]["duplicates"]["rows"] == 3  # the real run would refuse: said, not failed
+    assert res["results"][0]["ledger"]["after"]["constraint_created"] is True
+    assert res["diff"][0] == {"before": "", "after": "t_a_b_key: UNIQUE (a, b)\n"}
+    assert catalog(pg, db) == before and ledger_rows(pg, db) == rows
+
+
+def test_list_mode_progress_follows_the_table_being_worked_on(pg, db):
+    """In list mode the action plugin runs the module in the background (sizes unknown = long) and
+    pg_migrate_progress kind=index with tables names the table whose DDL runs (here: waits for a lock)."""
+    holder = pg.connect(db, autocommit=False)
+    out = {}
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            pid = cur.fetchone()[0]
+            cur.execute("LOCK TABLE n IN ACCESS SHARE MODE")
+        args = pg_args(pg, db, constraints=[{"table": "t", "columns": ["a", "b"]}, {"table": "n", "columns": ["a"]}],
+                       lock_timeout="6s", retries=0)
+        worker = threading.Thread(target=lambda: out.update(zip(("res", "proc"), run_adhoc("pg_unique_constraint",
+                                                                                           args))))
+        worker.start()
+        seen, deadline = None, time.monotonic() + 60
+        while worker.is_alive() and time.monotonic() < deadline:
+            progress = run_module("pg_migrate_progress", pg_args(pg, db, kind="index", wait=0,
+                                                                 tables=[["public", "t"], ["public", "n"]]))
+            if progress.get("running") and progress["msg"].startswith("public.n:"):
+                seen = progress
+                break
+            time.sleep(0.2)
+        worker.join(timeout=120)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert seen is not None, out
+    assert "waiting for a lock" in seen["msg"] and str(pid) in seen["msg"], seen
+    res, proc = out["res"], out["proc"]
+    assert proc.returncode != 0 and "FAILED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert res["background"] is True and res["failed_table"] == '"public"."n"', res
+    assert 'could not lock table "public"."n"' in res["msg"] and res["blocking"][0]["pid"] == pid
+    assert [r["table"] for r in res["results"]] == ["t"]
+    bad = run_module("pg_migrate_progress", pg_args(pg, db, kind="index", wait=0, tables=[["public"]]))
+    assert bad["failed"] and "pairs" in bad["msg"]
+
+
+def test_list_mode_in_a_play_prints_the_phase_of_the_table_being_built(pg, db, tmp_path):
+    """One list-mode task over a small and a big table (sizes from preflight_plan, as in the role): it runs in the
+    background and the progress line follows the build of the big one (CIC waiting for a writer's transaction)."""
+    import sys  # noqa: PLC0415
+
+    from test_progress import hold_until  # noqa: PLC0415
+
+    pg.execute("CREATE TABLE public.big (id serial PRIMARY KEY, k int NOT NULL);"
+               "INSERT INTO public.big (k) SELECT g FROM generate_series(1, 2000) g", db)
+    writer = pg.connect(db, autocommit=False)  # an open transaction that wrote: CIC waits for it
+    with writer.cursor() as cur:
+        cur.execute("INSERT INTO public.big (k) VALUES (100000)")
+
+    def build_waits(cur):
+        cur.execute("SELECT count(*) FROM pg_stat_progress_create_index WHERE phase LIKE 'waiting for writers%'")
+        return cur.fetchone()[0] > 0
+
+    releaser = hold_until(writer, pg.dsn(db), build_waits, seconds=3.5)
+    play = tmp_path / "list.yml"
+    play.write_text(f"""
+- hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Every constraint in one call
+      pg_unique_constraint:
+        login_host: 127.0.0.1
+        login_port: {pg.port}
+        login_db: {db}
+        login_user: {pg.superuser}
+        login_password: "{{{{ pw }}}}"
+        constraints:
+          - {{table: t, columns: [a, b]}}
+          - {{table: big, columns: [k]}}
+        concurrently: true
+        lock_timeout: 60s
+      register: out
+    - name: Show the results
+      ansible.builtin.debug:
+        msg: "tables={{{{ out.results | map(attribute='table') | join(',') }}}} changed={{{{ out.changed }}}}"
+""")
+    plan = {"tables": [{"schema": "public", "table": "t", "heap_size": 8192},
+                       {"schema": "public", "table": "big", "heap_size": 10 * 1024 ** 3}]}
+    res = run_playbook(play, "-i", "localhost,", "-c", "local",
+                       extra_vars={"pw": pg.password, "ansible_python_interpreter": sys.executable,
+                                   "dedup_progress_interval": 1, "dedup_progress_min_size": "1MB",
+                                   "preflight_plan": plan})
+    releaser.join(timeout=5)
+    writer.close()
+    assert res.rc == 0, res.output[-4000:]
+    assert re.search(r"^\[localhost\] public\.big: UNIQUE index build: waiting for writers before build",
+                     res.stdout, re.M), res.output[-4000:]
+    assert "tables=t,big changed=True" in res.stdout, res.output[-4000:]
+    assert constraint_def(pg, db, "t_a_b_key") == "UNIQUE (a, b)"
+    assert constraint_def(pg, db, "big_k_key") == "UNIQUE (k)"

@@ -1,8 +1,10 @@
 """Action plugin for pg_unique_constraint: building the UNIQUE index of a big table prints its phase and blocks.
 
 Long when ``state=present`` and the table (its ``heap_size`` in ``preflight_plan.tables``; unknown = long) is at
-least ``dedup_progress_min_size``. The reader shows ``pg_stat_progress_create_index`` (phase, blocks, tuples) or
-the lock the DDL waits for. Shared mechanism: plugins/action/dedup_progress.py.
+least ``dedup_progress_min_size``; in list mode (``constraints``) when any of its tables is. The reader shows
+``pg_stat_progress_create_index`` (phase, blocks, tuples) or the lock the DDL waits for: of the table, or in list
+mode of whichever of the tables is being built (``pg_migrate_progress`` kind=index with ``tables``). Shared
+mechanism: plugins/action/dedup_progress.py.
 """
 
 from __future__ import annotations
@@ -30,10 +32,22 @@ class ActionModule(ProgressAction):
     def progress_plan(self, args, task_vars):
         if (args.get("state") or "present") != "present":
             return None
-        schema, table = args.get("schema") or "public", args.get("table")
-        size = None
+        default_schema = args.get("schema") or "public"
+        elements = args.get("constraints")
+        if elements:
+            pairs = [[(e.get("schema") or default_schema), e.get("table")] for e in elements if isinstance(e, dict)]
+        else:
+            pairs = [[default_schema, args.get("table")]]
+        if not pairs:
+            return None
+        sizes = {}
         for t in self.fact(task_vars, "preflight_plan", "tables", default=None) or []:
-            if isinstance(t, dict) and t.get("schema") == schema and t.get("table") == table:
-                size = t.get("heap_size", t.get("size_before"))
-        reader = {"kind": "index", "schema": schema, "table": table}
+            if isinstance(t, dict):
+                sizes[(t.get("schema"), t.get("table"))] = t.get("heap_size", t.get("size_before"))
+        known = [sizes.get((s, t)) for s, t in pairs]
+        size = None if any(v is None for v in known) else max(int(v) for v in known)  # unknown = long
+        if elements:
+            reader = {"kind": "index", "tables": pairs}
+        else:
+            reader = {"kind": "index", "schema": pairs[0][0], "table": pairs[0][1]}
         return self.standard_plan(task_vars, size, self.size_setting(task_vars, "dedup_progress_min_size"), reader)
