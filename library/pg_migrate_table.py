@@ -157,6 +157,7 @@ from ansible.module_utils.dedup_locks import (
     PlayGone,
     PlayWatch,
     lock_failure_message,
+    play_gone,
     sessions_in_the_way,
     with_lock_retries,
 )
@@ -251,14 +252,18 @@ def check_steps(module, text, where):
     return steps
 
 
-def migrate_one(module, p, job):
+def migrate_one(module, p, job, watch, first=True):
     """Apply one table's migration (``job``: schema, table, strategy, sql) as the single mode does; the result dict,
-    or :class:`TableFailed` (nothing changed in that table)."""
+    or :class:`TableFailed` (nothing changed in that table). Before any table but the first of a call, it stops
+    when the play that started the module is gone (``watch``)."""
     where = "%s.%s" % (job["schema"], job["table"])
     steps = check_steps(module, job["sql"], where)
     started = time.monotonic()
     conn = connect(module, autocommit=False)
-    watch = PlayWatch(p["run_lock_id"], every=0)
+    if not first and play_gone(conn, watch):
+        conn.close()
+        raise TableFailed("the play that started the migration is gone; stopped before %s, nothing changed in this "
+                          "table" % where, attempts=0)
     attempts = 0
     timings = ledger = None
 
@@ -407,9 +412,10 @@ def main():
                          msg="would deduplicate %d table(s), one transaction each" % len(results))
     started = time.monotonic()
     results = []
+    watch = PlayWatch(p["run_lock_id"], every=0)
     for job in jobs:
         try:
-            one = migrate_one(module, p, job)
+            one = migrate_one(module, p, job, watch, first=not results)
         except TableFailed as failed:
             if single:
                 module.fail_json(msg=failed.msg, **failed.extra)

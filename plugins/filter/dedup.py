@@ -76,6 +76,13 @@ def dedup_dup_spec(table):
     return spec
 
 
+def dedup_constraint_checks(plan):
+    """The plan's tables as pg_unique_constraint list-mode elements (schema, table, columns): what the validate role
+    checks in check mode, catalog only."""
+    return [{"schema": t["schema"], "table": t["table"], "columns": list(t["natural_key"])}
+            for t in (plan or {}).get("tables") or []]
+
+
 def dedup_project_root(_value=None):
     """The checkout this plugin belongs to (plugins/filter/ is two levels below it), whatever the roles path or
     working directory: AWX / Automation Platform put their own requirements_roles first in the roles path."""
@@ -129,5 +136,6 @@ class FilterModule:
             "pg_idents": pg_idents,
             "pg_literal": pg_literal,
             "dedup_dup_spec": dedup_dup_spec,
+            "dedup_constraint_checks": dedup_constraint_checks,
             "pgpass_escape": pgpass_escape,
         }

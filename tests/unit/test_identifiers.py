@@ -122,3 +122,11 @@ def test_project_root_is_the_checkout():
 
     assert filters.dedup_project_root() == str(REPO)
     assert set(filters.FilterModule().filters()) >= {"pg_ident", "pg_qident", "pg_idents", "pg_literal"}
+
+
+def test_constraint_checks_list_every_planned_table_in_order():
+    plan = {"tables": [{"schema": "s", "table": "a", "natural_key": ("k",), "keep": "oldest"},
+                       {"schema": "t", "table": "b", "natural_key": ["x", "y"]}]}
+    assert filters.dedup_constraint_checks(plan) == [{"schema": "s", "table": "a", "columns": ["k"]},
+                                                     {"schema": "t", "table": "b", "columns": ["x", "y"]}]
+    assert filters.dedup_constraint_checks({}) == [] and filters.dedup_constraint_checks(None) == []
