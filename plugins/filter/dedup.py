@@ -113,6 +113,13 @@ def dedup_region_hosts(host, groups, kind):
     return best[1] if best else members
 
 
+def dedup_region_missing(host, groups, hostvars, kind, fact):
+    """The hosts of group ``kind`` in ``host``'s region (dedup_region_hosts) that have no ``fact`` set: the region's
+    gates in deploy_dedup.yml (an etl host whose pause never set dedup_etl_ready, a db host without dedup_db_ready,
+    an etl host without dedup_etl_done)."""
+    return [h for h in dedup_region_hosts(host, groups, kind) if fact not in (hostvars.get(h) or {})]
+
+
 def dedup_region_name(host, groups):
     """The name of ``host``'s region group (see dedup_region_hosts), or '' when it is in none."""
     best = None
@@ -131,6 +138,7 @@ class FilterModule:
             "dedup_project_root": dedup_project_root,
             "dedup_region_hosts": dedup_region_hosts,
             "dedup_region_name": dedup_region_name,
+            "dedup_region_missing": dedup_region_missing,
             "pg_ident": pg_ident,
             "pg_qident": pg_qident,
             "pg_idents": pg_idents,

@@ -37,3 +37,13 @@ def test_kind_is_checked():
     from ansible.errors import AnsibleFilterError
     with pytest.raises(AnsibleFilterError):
         dedup.dedup_region_hosts("db-n", PROD, "web")
+
+
+def test_missing_names_the_region_hosts_without_the_fact():
+    hostvars = {"etl-n": {"dedup_etl_ready": True}, "etl-a": {}, "db-n": {"dedup_db_ready": True}}
+    assert dedup.dedup_region_missing("db-a", PROD, hostvars, "etl", "dedup_etl_ready") == ["etl-a"]
+    assert dedup.dedup_region_missing("db-n", PROD, hostvars, "etl", "dedup_etl_ready") == []
+    assert dedup.dedup_region_missing("etl-a", PROD, hostvars, "db", "dedup_db_ready") == ["db-a"]
+    lab = {"all": ["lab-db", "lab-etl"], "db": ["lab-db"], "etl": ["lab-etl"]}
+    assert dedup.dedup_region_missing("lab-db", lab, {}, "etl", "dedup_etl_done") == ["lab-etl"]
+    assert dedup.dedup_region_missing("lab-db", {"db": ["lab-db"]}, {}, "etl", "dedup_etl_done") == []
