@@ -29,7 +29,9 @@ options:
     type: str
     default: dedup_rollout
   init_sql:
-    description: Rendered sql/ledger.sql.j2 (action=init).
+    description:
+      - Rendered sql/ledger.sql.j2. Required for C(action=init); with C(action=run) or C(action=table) the ledger is
+        created from it first when it does not exist yet, in the same transaction (one call instead of two).
     type: str
   run_id:
     description: The run.
@@ -153,12 +155,14 @@ def main():
         if not exists:
             if module.check_mode:
                 module.exit_json(changed=True, msg="would record %s in a new ledger" % p["run_id"])
-            module.fail_json(msg="the ledger %s does not exist yet (run action=init first)" % schema)
+            if not p["init_sql"]:
+                module.fail_json(msg="the ledger %s does not exist yet (run action=init first)" % schema)
+            ledger.create(cur, p["init_sql"])
         if p["action"] == "run":
             before, after = ledger.put_run(cur, p["run_id"], p["values"])
         else:
             before, after = ledger.put_table(cur, p["run_id"], p["schema"], p["table"], p["values"])
-        differs = changed(before, after)
+        differs = changed(before, after) or not exists
         if module.check_mode or not differs:
             conn.rollback()
         else:

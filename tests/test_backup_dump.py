@@ -167,7 +167,7 @@ def test_dump_killed_while_writing_then_garbage_then_rows_written_before_resume(
     def reader():
         for line in proc.stdout:
             lines.append(line)
-            if "TASK [backup : Ensure the ledger schema exists" in line:
+            if "TASK [backup : Record the deploy as running" in line:
                 marker.set()
 
     th = threading.Thread(target=reader, daemon=True)

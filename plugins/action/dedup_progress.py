@@ -133,16 +133,20 @@ class ProgressAction(ActionBase):
         host = task_vars.get("inventory_hostname", "?") if task_vars else "?"
         t0 = time.monotonic()
         while True:
+            # The reader waits up to ``interval`` s and returns as soon as the work's session is gone. While it
+            # reports the work running, the job cannot have finished: print and read again without asking the job
+            # (each module run costs a task round trip); otherwise ask the job whether it is done.
             progress = self._execute_module(module_name="pg_migrate_progress", module_args=dict(reader),
                                             task_vars=task_vars)
+            if progress.get("running"):
+                display.display(f"[{host}] {progress.get('msg')} ({time.monotonic() - t0:.0f} s since start)")
+                continue
             status = self._execute_module(module_name="ansible.legacy.async_status",
                                           module_args={"jid": jid, "_async_dir": async_dir}, task_vars=task_vars)
             if status.get("finished") or (status.get("failed") and "finished" not in status):
                 break
-            if progress.get("running"):
-                display.display(f"[{host}] {progress.get('msg')} ({time.monotonic() - t0:.0f} s since start)")
-            else:
-                time.sleep(min(interval, 2.0))  # between two phases of the work: no busy polling
+            # not started yet, or between two tables or phases: a short pause (each round costs two module runs)
+            time.sleep(min(interval, 0.25))
         self._execute_module(module_name="ansible.legacy.async_status",
                              module_args={"jid": jid, "mode": "cleanup", "_async_dir": async_dir},
                              task_vars=task_vars)
