@@ -202,7 +202,7 @@ def describe(p, found, extra):
     where = "%s.%s" % (mark.get("schema"), mark.get("table"))
     if p.get("tables") and len(p["tables"]) > 1:
         wanted = [[str(x) for x in pair] for pair in p["tables"]]
-        where += " (table %d of %d)" % (wanted.index([mark.get("schema"), mark.get("table")]) + 1, len(wanted))
+        where = "(table %d of %d) %s" % (wanted.index([mark.get("schema"), mark.get("table")]) + 1, len(wanted), where)
     if step == "retry_wait":
         return "%s: attempt %s hit a lock timeout; %s" % (where, mark.get("attempt"), STEP_TEXT["retry_wait"])
     line = "%s: step %s/%s '%s', %s: %.1f s in this step, %.1f s in the transaction (attempt %s)" % (

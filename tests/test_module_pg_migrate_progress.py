@@ -71,7 +71,7 @@ def test_reports_the_step_and_the_lock_it_waits_for(pg, fresh_db):
         many = run_module("pg_migrate_progress", pg_args(pg, fresh_db, run_id="run1",
                                                          tables=[["public", "other"], ["public", HOSTILE]], wait=0))
         assert many["running"] is True and many["step"] == "lock", many
-        assert many["msg"].startswith(f"public.{HOSTILE} (table 2 of 2): step 2/10 'lock'"), many["msg"]
+        assert many["msg"].startswith(f"(table 2 of 2) public.{HOSTILE}: step 2/10 'lock'"), many["msg"]
         none = run_module("pg_migrate_progress", pg_args(pg, fresh_db, run_id="run1", tables=[["public", "other"]],
                                                          wait=0))
         assert none["running"] is False, "a table the list does not name is not reported"
