@@ -251,7 +251,49 @@ def dedup_summary_stats(report: dict, report_path: str | None = None) -> dict:
     return out
 
 
+def _entry(tables, name):
+    """The entry of ``tables`` (a list of dicts with 'table') for table ``name``, or None."""
+    return next((t for t in tables or [] if t.get("table") == name), None)
+
+
+def dedup_table_summary(before: dict, plan: dict, after: dict | None = None, after_plan: dict | None = None,
+                        ledger_tables: list | None = None, backup_schema: str = "", check_mode: bool = False) -> list:
+    """One row per table for the report (roles/validate/tasks/summary.yml): rows and duplicates before (preflight's
+    count) and after (validation's), the sizes from the plans, the seconds and backup table from the ledger, and the
+    constraint in place. In check mode the rows after are what the migration would leave (``N (would)`` removed);
+    without ``after`` (validation did not run) the rows before."""
+    out = []
+    for b in (before or {}).get("tables") or []:
+        name = b["table"]
+        a = _entry((after or {}).get("tables"), name) if after else None
+        p0 = _entry((plan or {}).get("tables"), name) or {}
+        p1 = _entry((after_plan or {}).get("tables"), name) if after_plan else None
+        led = [t for t in ledger_tables or [] if t.get("table_name") == name]
+        if a and not check_mode:
+            rows_after, removed, dups_after = a["total_rows"], b["total_rows"] - a["total_rows"], a["duplicate_rows"]
+        elif check_mode:  # nothing changed: what the migration would leave (validation counted the same rows)
+            rows_after, removed, dups_after = (b["total_rows"] - b["duplicate_rows"], f"{b['duplicate_rows']} (would)",
+                                               0)
+        else:
+            rows_after, removed, dups_after = b["total_rows"], 0, b["duplicate_rows"]
+        existing = (p1 or {}).get("existing_constraint") or p0.get("existing_constraint")
+        out.append({
+            "table": name,
+            "rows_before": b["total_rows"],
+            "rows_after": rows_after,
+            "removed": removed,
+            "duplicates_after": dups_after,
+            "size_before": p0.get("size_before"),
+            "size_after": p1["size_before"] if p1 else p0.get("size_before"),
+            "seconds": led[0]["seconds"] if led and led[0].get("seconds") is not None else "-",
+            "constraint": existing["name"] if existing else "missing",
+            "backup_table": f"{backup_schema}.{led[0]['backup_table']}" if led and led[0].get("backup_table") else None,
+        })
+    return out
+
+
 class FilterModule:
     def filters(self):
         return {"dedup_summary": dedup_summary, "dedup_summary_stats": dedup_summary_stats,
-                "dedup_outcome": dedup_outcome, "dedup_etl_state": dedup_etl_state}
+                "dedup_outcome": dedup_outcome, "dedup_etl_state": dedup_etl_state,
+                "dedup_table_summary": dedup_table_summary}

@@ -143,3 +143,39 @@ def test_show_report_latest_picks_the_newest_of_either_kind(tmp_path):
     (env / "20261126T080000Z" / "report.json").write_text(json.dumps(newer))
     out = subprocess.run([sys.executable, str(script), "--latest", str(env)], capture_output=True, text=True)
     assert "deploy run 20261126T080000Z on lab" in out.stdout, out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------- the validate role's table summary
+
+BEFORE = {"tables": [{"table": "a", "total_rows": 100, "duplicate_rows": 90},
+                     {"table": "b", "total_rows": 10, "duplicate_rows": 0}]}
+PLAN = {"tables": [{"table": "a", "size_before": 8192, "existing_constraint": None},
+                   {"table": "b", "size_before": 4096, "existing_constraint": {"name": "b_key"}}]}
+
+
+def test_table_summary_after_a_migration():
+    after = {"tables": [{"table": "a", "total_rows": 10, "duplicate_rows": 0},
+                        {"table": "b", "total_rows": 10, "duplicate_rows": 0}]}
+    after_plan = {"tables": [{"table": "a", "size_before": 1024, "existing_constraint": {"name": "a_key"}},
+                             {"table": "b", "size_before": 4096, "existing_constraint": None}]}
+    ledger = [{"table_name": "a", "seconds": 1.5, "backup_table": "a__r1"}, {"table_name": "b", "seconds": None}]
+    rows = report.dedup_table_summary(BEFORE, PLAN, after, after_plan, ledger, "dedup_rollout", False)
+    assert rows[0] == {"table": "a", "rows_before": 100, "rows_after": 10, "removed": 90, "duplicates_after": 0,
+                       "size_before": 8192, "size_after": 1024, "seconds": 1.5, "constraint": "a_key",
+                       "backup_table": "dedup_rollout.a__r1"}
+    # no constraint in the after-plan: the one found before; no seconds recorded: '-'
+    assert rows[1]["constraint"] == "b_key" and rows[1]["seconds"] == "-" and rows[1]["backup_table"] is None
+
+
+def test_table_summary_without_validation_in_check_mode_and_not():
+    would = report.dedup_table_summary(BEFORE, PLAN, None, None, [], "s", True)
+    assert [(r["rows_after"], r["removed"], r["duplicates_after"]) for r in would] == [(10, "90 (would)", 0),
+                                                                                       (10, "0 (would)", 0)]
+    assert would[0]["constraint"] == "missing" and would[0]["size_after"] == 8192
+    stopped = report.dedup_table_summary(BEFORE, PLAN, None, None, None, "s", False)
+    assert [(r["rows_after"], r["removed"], r["duplicates_after"]) for r in stopped] == [(100, 0, 90), (10, 0, 0)]
+    assert report.dedup_table_summary({"tables": []}, PLAN) == []
+    # check mode with validation's counts of the unchanged tables: still what would be removed
+    unchanged = {"tables": [dict(t) for t in BEFORE["tables"]]}
+    assert [r["removed"] for r in report.dedup_table_summary(BEFORE, PLAN, unchanged, None, [], "s", True)] == \
+        ["90 (would)", "0 (would)"]
