@@ -10,6 +10,8 @@ the report file are the same.
 
 from __future__ import annotations
 
+import os
+
 
 def human(n) -> str:
     """Bytes as B/KB/MB/GB/TB (1024-based, one decimal); anything else as text ('-' for None)."""
@@ -292,8 +294,136 @@ def dedup_table_summary(before: dict, plan: dict, after: dict | None = None, aft
     return out
 
 
+# --------------------------------------------------------------------------- what each host did (report.json)
+
+_REGIONS = None
+
+
+def _regions():
+    """plugins/filter/dedup.py (the region rule), loaded by its path when first needed: it imports Ansible, this file
+    does not (scripts/show_report.py uses it without Ansible)."""
+    global _REGIONS
+    if _REGIONS is None:
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location("dedup_rollout_report_regions",
+                                                      Path(__file__).resolve().with_name("dedup.py"))
+        _REGIONS = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_REGIONS)
+    return _REGIONS
+
+
+def _server(hv, defaults: dict) -> str:
+    host = hv.get("dedup_db_host", defaults.get("dedup_db_host"))
+    return f"{host}:{hv.get('dedup_db_port', defaults.get('dedup_db_port'))}"
+
+
+def dedup_report_databases(groups, hostvars, defaults: dict, check_mode: bool = False) -> list:
+    """The ``databases`` of a deploy's report.json: every db host that got as far as preflight's plan, with what it
+    did (backup, tables, migration steps, ETL report) and its outcome (dedup_outcome). ``defaults``: the play's
+    dedup_db_name, dedup_db_host, dedup_db_port, dedup_mode and dedup_backup_mode, for a host that has none."""
+    regions = _regions()
+    out = []
+    for h in groups.get("db") or []:
+        hv = hostvars[h]
+        if hv.get("preflight_plan") is None:
+            continue
+        after = hv.get("validate_after_plan")
+        mode = hv.get("dedup_mode", defaults.get("dedup_mode"))
+        etl = [dedup_etl_state(hostvars[e]) for e in regions.dedup_region_hosts(h, groups, "etl")]
+        out.append({
+            "host": h,
+            "database": hv.get("dedup_db_name", defaults.get("dedup_db_name")),
+            "server": _server(hv, defaults),
+            "deploy_id": hv.get("preflight_deploy_id"),
+            "work": hv.get("preflight_work", False),
+            "mode": mode,
+            "backup_mode": hv.get("dedup_backup_mode", defaults.get("dedup_backup_mode")),
+            "backup": hv.get("backup_result"),
+            "database_size_before": hv["preflight_plan"]["server"]["database_size"],
+            "database_size_after": after["server"]["database_size"] if after is not None else None,
+            "tables": hv.get("validate_report_tables") or [],
+            "migration": hv.get("dedup_migration_steps") or [],
+            "etl": hv.get("dedup_etl_report"),
+            "region": regions.dedup_region_name(h, groups),
+            "outcome": dedup_outcome({"started": True, "work": _bool(hv.get("preflight_work", False)),
+                                      "failure": hv.get("dedup_db_failure"), "recorded": hv.get("dedup__recorded")},
+                                     etl, check_mode, mode),
+        })
+    return out
+
+
+def dedup_report_etl(groups, hostvars) -> list:
+    """The ``etl_hosts`` of a deploy's report.json: per etl host, the paused cron lines, the releases and the smoke
+    test."""
+    out = []
+    for h in groups.get("etl") or []:
+        hv = hostvars[h]
+        release_dir = hv.get("etl_deploy_release_dir")
+        out.append({"host": h, "paused_lines": hv.get("etl_pause_paused_lines") or [],
+                    "release_before": hv.get("etl_deploy_previous_release"),
+                    "release_now": os.path.basename(release_dir) if release_dir is not None else None,
+                    "smoke": hv.get("etl_smoke_results")})
+    return out
+
+
+def dedup_rollback_databases(groups, hostvars, defaults: dict) -> list:
+    """The ``databases`` of a rollback's report.json: every db host that looked for a deploy to undo."""
+    regions = _regions()
+    out = []
+    for h in groups.get("db") or []:
+        hv = hostvars[h]
+        if "restore_target" not in hv:
+            continue
+        target = hv.get("restore_target")
+        last = hv.get("restore_last_deploy")
+        out.append({
+            "host": h,
+            "region": regions.dedup_region_name(h, groups),
+            "rollback_run_id": hv.get("restore_run_id"),
+            "database": hv.get("dedup_db_name", defaults.get("dedup_db_name")),
+            "server": _server(hv, defaults),
+            "last_deploy": {"run_id": last["run_id"], "status": last["status"]} if last else None,
+            "target_deploy": target["run_id"] if target else None,
+            "target_status_before": target["status"] if target else None,
+            "dump": target["dump_path"] if target else None,
+            "dump_used": hv.get("restore_needs_dump", False),
+            "tables": hv.get("restore_done") or [],
+            "already_rolled_back": [t["table_name"] for t in hv.get("restore_tables") or []
+                                    if t.get("status") == "rolled_back"],
+        })
+    return out
+
+
+def dedup_rollback_etl(groups, hostvars) -> list:
+    """The ``etl_hosts`` of a rollback's report.json: per etl host the rollback looked at, the release before and now
+    and the cron lines resumed."""
+    regions = _regions()
+    out = []
+    for h in groups.get("etl") or []:
+        hv = hostvars[h]
+        if "rollback_etl_current" not in hv:
+            continue
+        switched = _bool(hv.get("rollback_etl_switch", False))
+        out.append({"host": h, "region": regions.dedup_region_name(h, groups),
+                    "release_before_rollback": hv.get("rollback_etl_current"), "switched": switched,
+                    "release_now": hv.get("rollback_etl_to") if switched else hv.get("rollback_etl_current"),
+                    "resumed_lines": hv.get("etl_resume_restored_lines") or []})
+    return out
+
+
+def _bool(value) -> bool:
+    """Jinja's ``bool`` filter: true for True, 'yes', 'true', '1', 'on', 1."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("yes", "true", "1", "on", "y")
+    return bool(value)
+
+
 class FilterModule:
     def filters(self):
         return {"dedup_summary": dedup_summary, "dedup_summary_stats": dedup_summary_stats,
                 "dedup_outcome": dedup_outcome, "dedup_etl_state": dedup_etl_state,
-                "dedup_table_summary": dedup_table_summary}
+                "dedup_table_summary": dedup_table_summary, "dedup_report_databases": dedup_report_databases,
+                "dedup_report_etl": dedup_report_etl, "dedup_rollback_databases": dedup_rollback_databases,
+                "dedup_rollback_etl": dedup_rollback_etl}

@@ -179,3 +179,55 @@ def test_table_summary_without_validation_in_check_mode_and_not():
     unchanged = {"tables": [dict(t) for t in BEFORE["tables"]]}
     assert [r["removed"] for r in report.dedup_table_summary(BEFORE, PLAN, unchanged, None, [], "s", True)] == \
         ["90 (would)", "0 (would)"]
+
+
+# --------------------------------------------------------------------------- report.json's hosts
+
+GROUPS = {"all": ["db1", "etl1", "db2"], "ungrouped": [], "db": ["db1", "db2"], "etl": ["etl1"]}
+DEFAULTS = {"dedup_db_name": "breezeway", "dedup_db_host": "127.0.0.1", "dedup_db_port": 5432,
+            "dedup_mode": "offline", "dedup_backup_mode": "table"}
+
+
+def test_report_databases_lists_the_planned_hosts_with_their_outcome():
+    hostvars = {
+        "db1": {"preflight_plan": {"server": {"database_size": 100}}, "preflight_deploy_id": "r1",
+                "preflight_work": True, "validate_after_plan": {"server": {"database_size": 40}},
+                "validate_report_tables": [{"table": "a"}], "dedup_db_port": 5433,
+                "dedup__recorded": {"changed": True}},
+        "db2": {},  # stopped before preflight's plan: not listed
+        "etl1": {"inventory_hostname": "etl1", "dedup_etl_ready": True, "dedup_etl_done": True,
+                 "etl_deploy_release_dir": "/srv/etl/releases/v2", "etl_deploy_previous_release": "v1",
+                 "etl_pause_paused_lines": ["* * * * * etl"]},
+    }
+    (db,) = report.dedup_report_databases(GROUPS, hostvars, DEFAULTS, False)
+    assert db["host"] == "db1" and db["database"] == "breezeway" and db["server"] == "127.0.0.1:5433"
+    assert (db["database_size_before"], db["database_size_after"], db["deploy_id"]) == (100, 40, "r1")
+    assert db["tables"] == [{"table": "a"}] and db["migration"] == [] and db["backup"] is None
+    assert db["region"] == "" and db["mode"] == "offline" and db["backup_mode"] == "table"
+    assert db["outcome"] == report.dedup_outcome(
+        {"started": True, "work": True, "failure": None, "recorded": {"changed": True}},
+        [report.dedup_etl_state(hostvars["etl1"])], False, "offline")
+    (etl,) = report.dedup_report_etl(GROUPS, hostvars)
+    assert etl == {"host": "etl1", "paused_lines": ["* * * * * etl"], "release_before": "v1", "release_now": "v2",
+                   "smoke": None}
+
+
+def test_rollback_hosts_are_those_that_looked_for_a_deploy():
+    hostvars = {
+        "db1": {"restore_target": {"run_id": "r1", "status": "succeeded", "dump_path": "/b/x.dump"},
+                "restore_run_id": "rb1", "restore_last_deploy": {"run_id": "r1", "status": "succeeded", "x": 1},
+                "restore_done": [{"table": "a"}], "restore_needs_dump": False,
+                "restore_tables": [{"table_name": "a", "status": "rolled_back"}, {"table_name": "b", "status": "x"}]},
+        "db2": {"restore_target": None},
+        "etl1": {"rollback_etl_current": "v2", "rollback_etl_switch": "true", "rollback_etl_to": "v1",
+                 "etl_resume_restored_lines": ["l"]},
+    }
+    dbs = report.dedup_rollback_databases(GROUPS, hostvars, DEFAULTS)
+    assert [d["host"] for d in dbs] == ["db1", "db2"]
+    assert dbs[0]["last_deploy"] == {"run_id": "r1", "status": "succeeded"} and dbs[0]["target_deploy"] == "r1"
+    assert dbs[0]["already_rolled_back"] == ["a"] and dbs[0]["dump"] == "/b/x.dump"
+    assert dbs[1]["target_deploy"] is None and dbs[1]["last_deploy"] is None and dbs[1]["tables"] == []
+    assert report.dedup_rollback_etl(GROUPS, hostvars) == [
+        {"host": "etl1", "region": "", "release_before_rollback": "v2", "switched": True, "release_now": "v1",
+         "resumed_lines": ["l"]}]
+    assert report.dedup_rollback_etl(GROUPS, {"etl1": {}}) == []
