@@ -125,3 +125,18 @@ def ansible_doc(name: str) -> subprocess.CompletedProcess:
 
 def read_path(p: str | Path) -> bytes:
     return Path(p).read_bytes()
+
+
+def render_sql(name: str, strict: bool = False, **ctx) -> str:
+    """A template of sql/ rendered as the roles render it: the repo's own filters, trim_blocks (the default of
+    ansible.builtin.template), the trailing newline kept. ``strict``: an undefined variable is an error."""
+    import jinja2
+
+    spec = importlib.util.spec_from_file_location("dedup_filters", REPO / "plugins" / "filter" / "dedup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(REPO / "sql")), trim_blocks=True,
+                             keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined if strict else jinja2.Undefined)
+    env.filters.update(mod.FilterModule().filters())
+    return env.get_template(name).render(**ctx)

@@ -7,16 +7,14 @@ a real deploy and the real ansible-playbook. The clock is injected (``now`` / ``
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 from pathlib import Path
 
-import jinja2
 import pytest
 from psycopg2 import sql
 
 from harness import REPO
-from modkit import pg_args, run_module
+from modkit import pg_args, render_sql, run_module
 
 DEPLOY = REPO / "deploy_dedup.yml"
 MONITOR = REPO / "playbooks" / "monitor.yml"
@@ -30,13 +28,6 @@ def iso(t: dt.datetime) -> str:
     return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def render(name: str) -> str:
-    spec = importlib.util.spec_from_file_location("dedup_filters", REPO / "plugins" / "filter" / "dedup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(REPO / "sql")))
-    env.filters.update(mod.FilterModule().filters())
-    return env.get_template(name).render(dedup_backup_schema=LEDGER)
 
 
 # --------------------------------------------------------------------------- the module on a small ledger
@@ -45,8 +36,8 @@ def render(name: str) -> str:
 @pytest.fixture
 def ledger(pg, fresh_db):
     """A database with the real ledger, a succeeded deploy of two tables and their backup tables."""
-    pg.execute(render("ledger.sql.j2"), fresh_db)
-    pg.execute(render("monitor_checks.sql.j2"), fresh_db)
+    pg.execute(render_sql("ledger.sql.j2", dedup_backup_schema=LEDGER), fresh_db)
+    pg.execute(render_sql("monitor_checks.sql.j2", dedup_backup_schema=LEDGER), fresh_db)
     pg.execute(
         "INSERT INTO dedup_rollout.runs (run_id, kind, status, backup_mode, dump_path, dump_host, started_at, "
         "finished_at) VALUES (%s, 'deploy', 'succeeded', 'table', '/nowhere/x.dump', 'lab-db', %s, %s)",

@@ -12,36 +12,26 @@ transaction queue behind the migration, then the reader commits.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import jinja2
 import psycopg2
 
-from harness import REPO, wait_for
-from modkit import pg_args, run_adhoc, run_module
+from harness import wait_for
+from modkit import pg_args, render_sql, run_adhoc, run_module
 
 LEDGER = "dedup_rollout"
 KEYS, COPIES = 300, 10
 MIGRATE_APP = "dedup-rollout/pg_migrate_table"
 
 
-def render(name: str, **ctx) -> str:
-    """A template of sql/ rendered with the repo's own filters, as the roles render it."""
-    spec = importlib.util.spec_from_file_location("dedup_filters", REPO / "plugins" / "filter" / "dedup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(REPO / "sql")), keep_trailing_newline=True)
-    env.filters.update(mod.FilterModule().filters())
-    return env.get_template(name).render(**ctx)
 
 
 def make_table(pg, db: str) -> None:
-    pg.execute(render("ledger.sql.j2", dedup_backup_schema=LEDGER), db)
+    pg.execute(render_sql("ledger.sql.j2", dedup_backup_schema=LEDGER), db)
     pg.execute(
         "CREATE SCHEMA app; CREATE TABLE app.items (id bigserial PRIMARY KEY, k int NOT NULL, v text);"
         f"INSERT INTO app.items (k, v) SELECT g % {KEYS}, 'v' || (g % {KEYS}) "
@@ -53,7 +43,7 @@ def migration_sql(pg, db: str, run_id: str, lock_timeout: str = "30s") -> str:
     plan = run_module("pg_dedup_plan", pg_args(pg, db, schema="app", backup_schema=LEDGER, run_id=run_id,
                                                tables=[{"name": "items", "natural_key": ["k"]}]))
     assert not plan.get("failed"), plan
-    return render("migrate_table.sql.j2", t=plan["tables"][0], run_id=run_id, backup_mode="table",
+    return render_sql("migrate_table.sql.j2", t=plan["tables"][0], run_id=run_id, backup_mode="table",
                   backup_schema=LEDGER, lock_timeout=lock_timeout, work_mem="64MB", maintenance_work_mem="64MB")
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from test_cleanup import render
-
-from modkit import pg_args, run_module
+from modkit import pg_args, render_sql, run_module
 
 VALUES = {"kind": "deploy", "status": "running", "environment": "lab", "mode": "offline", "backup_mode": "table"}
 
@@ -14,7 +12,7 @@ def ledger_present(pg, db) -> bool:
 
 
 def test_a_run_creates_the_missing_ledger_in_the_same_call_and_is_idempotent(pg, fresh_db):
-    init = render("ledger.sql.j2")
+    init = render_sql("ledger.sql.j2", dedup_backup_schema="dedup_rollout")
     refused = run_module("pg_ledger", pg_args(pg, fresh_db, action="run", run_id="r1", values=VALUES))
     assert refused.get("failed") and "does not exist yet" in refused["msg"], refused
     check = run_module("pg_ledger", pg_args(pg, fresh_db, action="run", run_id="r1", values=VALUES, init_sql=init),

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import threading
 import time
 
-import jinja2
 import psycopg2
 import pytest
 
-from harness import REPO, free_port, run_playbook
-from modkit import ansible_doc, pg_args, run_adhoc, run_module
+from harness import free_port, run_playbook
+from modkit import ansible_doc, pg_args, render_sql, run_adhoc, run_module
 
 SETUP = """
 CREATE TABLE public.t (id serial PRIMARY KEY, a int NOT NULL, b int NOT NULL, note text);
@@ -319,14 +317,6 @@ LEDGER = "dedup_rollout"
 RUN = "20261201T000000Z"
 
 
-def render_sql(name: str, **ctx) -> str:
-    """A template of sql/ rendered with the repo's own filters, as the roles render it."""
-    spec = importlib.util.spec_from_file_location("dedup_filters", REPO / "plugins" / "filter" / "dedup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(REPO / "sql")), keep_trailing_newline=True)
-    env.filters.update(mod.FilterModule().filters())
-    return env.get_template(name).render(**ctx)
 
 
 @pytest.fixture
