@@ -93,4 +93,13 @@ def test_schedule_tables_take_the_constraint_the_ledger_recorded():
 
 
 def test_filters_are_registered():
-    assert set(monitor.FilterModule().filters()) == {"monitor_findings", "monitor_schedule_tables"}
+    assert set(monitor.FilterModule().filters()) == {"monitor_findings", "monitor_schedule_tables",
+                                                     "monitor_constraint_checks"}
+
+
+def test_list_mode_results_name_their_table_and_the_checks_are_built_from_dedup_tables():
+    listed = [{"table": "a", "schema": "s", "name": "a_k_key", "action": "none", "existing": {"valid": True}}]
+    out = monitor.monitor_findings([dup("a")], listed, sizes("a"), [])
+    assert out["clean"] and out["tables"][0]["constraint"] == "a_k_key"
+    assert monitor.monitor_constraint_checks([{"name": "a", "natural_key": ("x", "y"), "keep": "oldest"}], "s") == \
+        [{"schema": "s", "table": "a", "columns": ["x", "y"]}]

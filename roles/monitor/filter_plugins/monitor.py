@@ -5,6 +5,8 @@
         -> {clean, problems, duplicate_rows, missing_constraints, database_size, backup_schema_bytes, tables, etl}
     {{ dedup_tables | monitor_schedule_tables(ledger_tables) }}
         -> [{name, natural_key, constraint}] for the scheduled check's configuration
+    {{ dedup_tables | monitor_constraint_checks(dedup_schema) }}
+        -> pg_unique_constraint's constraints (one check-mode call for every table)
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def _first(items, key, value, what: str) -> dict:
 def monitor_findings(dups: list, constraints: list, sizes: dict, etl: list | None = None) -> dict:
     """One check's findings from the module results of roles/monitor:
 
-    ``dups``: ``pg_duplicates`` ``tables``; ``constraints``: the ``results`` of the ``pg_unique_constraint`` loop
-    over dedup_tables (check mode: action ``none`` means a valid constraint is in place); ``sizes``: the
+    ``dups``: ``pg_duplicates`` ``tables``; ``constraints``: the ``results`` of ``pg_unique_constraint`` over
+    dedup_tables (list mode: each names its ``table``; a loop's: ``item.name``; check mode: action ``none`` means a
+    valid constraint is in place); ``sizes``: the
     ``pg_monitor action=sizes`` result; ``etl``: the ``monitor_etl`` facts of the ETL hosts that have one.
 
     One problem sentence per table with duplicate rows, per table without a valid UNIQUE constraint, then the ETL
@@ -43,7 +46,8 @@ def monitor_findings(dups: list, constraints: list, sizes: dict, etl: list | Non
     tables: list[dict] = []
     problems: list[str] = []
     for d in dups or []:
-        c = _first(constraints, lambda r: (r.get("item") or {}).get("name"), d["table"], "constraint check")
+        c = _first(constraints, lambda r: r.get("table") or (r.get("item") or {}).get("name"), d["table"],
+                   "constraint check")
         s = _first(sizes.get("tables"), lambda r: r.get("table"), d["table"], "size")
         present = c["action"] == "none"
         samples = d.get("sample_duplicate_keys", [])
@@ -90,6 +94,12 @@ def monitor_schedule_tables(tables: list, ledger_tables: list) -> list[dict]:
     return out
 
 
+def monitor_constraint_checks(tables: list, schema: str) -> list[dict]:
+    """dedup_tables as pg_unique_constraint list-mode elements (schema, table, columns) for the catalog check."""
+    return [{"schema": schema, "table": t["name"], "columns": list(t["natural_key"])} for t in tables or []]
+
+
 class FilterModule:
     def filters(self):
-        return {"monitor_findings": monitor_findings, "monitor_schedule_tables": monitor_schedule_tables}
+        return {"monitor_findings": monitor_findings, "monitor_schedule_tables": monitor_schedule_tables,
+                "monitor_constraint_checks": monitor_constraint_checks}
