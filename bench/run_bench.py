@@ -70,13 +70,15 @@ DEFAULT_CONF = {
 }
 A2_SETTINGS = {"work_mem": "512MB", "maintenance_work_mem": "1GB"}
 WRITER_KEY_BASE = 2_000_000_000  # requirement_id of the concurrent writer's rows (never collide)
-ALL_CONTENDERS = ["A1", "A2", "B-sql-table", "B-sql-dump", "B-table", "B-dump", "B-online", "B-online-repack",
-                  "regions", "dupcheck"]
+ALL_CONTENDERS = ["A1", "A2", "A2-dump", "B-sql-table", "B-sql-dump", "B-table", "B-dump", "B-deploy", "B-online",
+                  "B-online-repack", "regions", "dupcheck"]
 # A1 last: at 1/10 it runs into --timeout.
 DEFAULT_CONTENDERS = "A2,B-sql-table,B-sql-dump,B-table,B-dump,regions,dupcheck,A1"
 # What each contender's seconds cover (a column of the table).
 MEASURES = {
     "A1": "psql script", "A2": "psql script",
+    "A2-dump": "pg_dump -Fc, then the A2 psql script (the runbook's sequence)",
+    "B-deploy": "whole deploy_dedup.yml (dump backup, no ETL host) incl. ansible overhead",
     "B-sql-table": "migration SQL as the role runs it (no ansible)",
     "B-sql-dump": "migration SQL as the role runs it (no ansible)",
     "B-table": "whole playbook incl. ansible overhead", "B-dump": "whole playbook incl. ansible overhead",
@@ -407,13 +409,26 @@ def tail(path: Path, n: int = 25) -> str:
 def contender_a(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) -> dict:
     cluster: PgCluster = ctx["cluster"]
     args: list[str] = []
-    if name == "A2":
+    dump_out: dict = {}
+    if name == "A2-dump":
+        # The runbook's own sequence: its backup (pg_dump -Fc of the database), then A2's migration.
+        dumpfile = workdir / "runbook.dump"
+        t0 = time.monotonic()
+        rc, timed_out = run_process([str(cluster.bindir / "pg_dump"), "-Fc", "-h", "127.0.0.1", "-p", str(cluster.port),
+                                     "-U", cluster.superuser, "-d", db, "-f", str(dumpfile)], psql_env(cluster),
+                                    workdir / "pg_dump.log", ctx["timeout"])
+        dump_out = {"pg_dump_seconds": round(time.monotonic() - t0, 2),
+                    "pg_dump_mb": mb(dumpfile.stat().st_size) if dumpfile.exists() else None}
+        dumpfile.unlink(missing_ok=True)
+        if timed_out or rc != 0:
+            return {"rc": rc, "timed_out": timed_out, "error": tail(workdir / "pg_dump.log"), **dump_out}
+    if name in ("A2", "A2-dump"):
         for k, v in A2_SETTINGS.items():
             args += ["-c", f"SET {k} = '{v}'"]
     args += ["-f", str(BENCH / "sql" / "contender_a.sql")]
     logfile = workdir / "psql.log"
     rc, timed_out = run_process(psql_cmd(cluster, db, *args), psql_env(cluster), logfile, ctx["timeout"])
-    out = {"rc": rc, "timed_out": timed_out, "settings": A2_SETTINGS if name == "A2" else "defaults"}
+    out = {"rc": rc, "timed_out": timed_out, "settings": A2_SETTINGS if name != "A1" else "defaults", **dump_out}
     if timed_out or rc != 0:
         out["error"] = "timed out" if timed_out else tail(logfile)
     # psql \timing lines, one per statement, in file order.
@@ -428,6 +443,7 @@ def write_inventory(workdir: Path) -> Path:
         "all:\n  children:\n    db:\n      hosts:\n        bench-db:\n"
         "          ansible_connection: local\n"
         f"          ansible_python_interpreter: {sys.executable}\n"
+        "    etl:\n      hosts: {}\n"
     )
     return inv
 
@@ -466,17 +482,21 @@ def bench_vars(ctx: dict, db: str, workdir: Path, backup_mode: str, extra: dict 
 
 
 def contender_b(ctx: dict, name: str, db: str, workdir: Path, sampler: Sampler) -> dict:
-    mode = {"B-table": "table", "B-dump": "dump", "B-online": "table", "B-online-repack": "table"}[name]
+    mode = {"B-table": "table", "B-dump": "dump", "B-online": "table", "B-online-repack": "table",
+            "B-deploy": "dump"}[name]
     extra = {"dedup_mode": "online"} if name.startswith("B-online") else {}
-    out: dict = {"backup_mode": mode, "playbook": str(MIGRATE_PLAYBOOK.relative_to(REPO)), **extra}
-    if not MIGRATE_PLAYBOOK.exists():
+    playbook = MIGRATE_PLAYBOOK
+    if name == "B-deploy":  # the whole deploy_dedup.yml of a database without an ETL host (README), dump backup
+        playbook, extra = DEPLOY_PLAYBOOK, {"monitor_schedule": False}
+    out: dict = {"backup_mode": mode, "playbook": str(playbook.relative_to(REPO)), **extra}
+    if not playbook.exists():
         out.update(rc=None, timed_out=False, missing=True, error=f"{out['playbook']} does not exist (yet)")
         return out
     inv = write_inventory(workdir)
     varsfile = write_vars(ctx, db, workdir, mode, extra)
     logfile = workdir / "ansible.log"
     timer_file = workdir / "task_times.json"
-    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(MIGRATE_PLAYBOOK), "-i", str(inv),
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(playbook), "-i", str(inv),
            "-e", f"@{varsfile}"]
     try:
         rc, timed_out = run_process(cmd, ansible_env(timer_env(timer_file)), logfile, ctx["timeout"],
@@ -652,7 +672,8 @@ def prepare_repack(ctx: dict, name: str, db: str, workdir: Path) -> dict:
 PREPARE_FUNCS = {"B-sql-table": prepare_bsql, "B-sql-dump": prepare_bsql, "B-online-repack": prepare_repack}
 
 
-CONTENDER_FUNCS = {"A1": contender_a, "A2": contender_a, "B-table": contender_b, "B-dump": contender_b,
+CONTENDER_FUNCS = {"A1": contender_a, "A2": contender_a, "A2-dump": contender_a, "B-table": contender_b,
+                   "B-dump": contender_b, "B-deploy": contender_b,
                    "B-online": contender_b, "B-online-repack": contender_b, "B-sql-table": contender_bsql,
                    "B-sql-dump": contender_bsql}
 
@@ -1039,6 +1060,11 @@ def summarize(rows: list[dict]) -> None:
             if r["scale"] == scale and r["contender"] != "dupcheck":
                 r["ratio_vs_best_a"] = round(best / r["seconds"], 2) if best and r["status"] == "ok" else None
                 r["wal_ratio_vs_best_a"] = None
+        seq = next((r for r in rows if r["scale"] == scale and r["contender"] == "A2-dump" and r["status"] == "ok"),
+                   None)
+        for r in rows:  # the whole deploy against the runbook's own sequence (its pg_dump, then A2)
+            if r["scale"] == scale and r["contender"] == "B-deploy" and seq and r["status"] == "ok":
+                r["ratio_vs_a2_dump"] = round(seq["seconds"] / r["seconds"], 2)
         if best:
             a_row = next(r for r in rows if r["scale"] == scale and r["contender"] in ("A1", "A2")
                          and r["seconds"] == best)
@@ -1076,6 +1102,12 @@ def table_text(rows: list[dict], dupchecks: list[dict]) -> str:
     fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     out = [fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(c) for c in cells[1:]]
     out += notes
+    for r in rows:
+        if r["contender"] == "B-deploy" and r.get("ratio_vs_a2_dump"):
+            seq = next(x for x in rows if x["contender"] == "A2-dump" and x["scale"] == r["scale"])
+            out.append(f"deploy_dedup.yml at scale {r['scale']}: {r['seconds']} s vs the runbook's sequence (pg_dump "
+                       f"{seq['detail'].get('pg_dump_seconds')} s + A2) {seq['seconds']} s -> "
+                       f"{r['ratio_vs_a2_dump']}x (above 1: the deploy is faster)")
     for d in dupchecks:
         if d.get("status") == "ok":
             out.append(f"\npg_duplicates at scale {d['scale']}: module task {d['module_seconds']} s (net of a ping "
