@@ -9,8 +9,9 @@ module: pg_migrate_table
 short_description: Apply rendered deduplications, one transaction per table
 description:
   - One table (C(sql), C(schema), C(table)) or many in one call (C(tables), as the role does it, one module run
-    for every table of the step, in order, stopping at the first table that fails; the tables before it stay
-    committed).
+    for every table of the step, in order). A table that fails is rolled back and the others go on, each in its own
+    transaction, as a loop of one call per table did; the call then fails naming every table that failed. Once the
+    play is gone no further table is started.
   - Runs the C(-- @step) sections of a migration rendered from C(sql/migrate_table.sql.j2) in one
     transaction (the file's own BEGIN/COMMIT are replaced by the module's), timing every step.
   - When a lock cannot be had within the file's C(lock_timeout) (or another session holds an older
@@ -113,16 +114,21 @@ EXAMPLES = r"""
 RETURN = r"""
 results:
   description:
-    - With C(tables), one entry per table done, in order, with the keys of the one-table form (changed, ledger, steps,
-      attempts, seconds, size_after, msg) plus C(schema) and C(table). When a table fails, the entries of the tables
-      before it.
+    - With C(tables), one entry per table, in order, with the keys of the one-table form (changed, ledger, steps,
+      attempts, seconds, size_after, msg) plus C(schema) and C(table); a table that failed has C(failed=true) and
+      its message.
   returned: when tables is given
   type: list
   elements: dict
 failed_table:
-  description: With C(tables), the table that failed (nothing changed in it).
+  description: With C(tables), the first table that failed (nothing changed in it).
   returned: failure with tables
   type: str
+failed_tables:
+  description: With C(tables), every table that failed (nothing changed in them).
+  returned: failure with tables
+  type: list
+  elements: str
 ledger:
   description: rows_before, rows_kept, rows_removed, keep_fingerprint as recorded in the ledger.
   returned: success
@@ -236,11 +242,13 @@ def show_waiting(conn, marker):
 
 
 class TableFailed(Exception):
-    """One table's migration failed (rolled back); ``msg`` names the table, ``extra`` goes into the result."""
+    """One table's migration failed (rolled back); ``msg`` names the table, ``extra`` goes into the result.
+    ``stop``: the play is gone, so no further table is started either."""
 
-    def __init__(self, msg, **extra):
+    def __init__(self, msg, stop=False, **extra):
         super().__init__(msg)
         self.msg = msg
+        self.stop = stop
         self.extra = extra
 
 
@@ -263,7 +271,7 @@ def migrate_one(module, p, job, watch, first=True):
     if not first and play_gone(conn, watch):
         conn.close()
         raise TableFailed("the play that started the migration is gone; stopped before %s, nothing changed in this "
-                          "table" % where, attempts=0)
+                          "table" % where, stop=True, attempts=0)
     attempts = 0
     timings = ledger = None
 
@@ -289,7 +297,8 @@ def migrate_one(module, p, job, watch, first=True):
         # looks next (a re-run or a rollback).
         conn.close()
         raise TableFailed("the play that started the migration of %s is gone; stopped before attempt %d, nothing "
-                          "changed in this table" % (where, gone.attempts + 1), attempts=gone.attempts) from None
+                          "changed in this table" % (where, gone.attempts + 1), stop=True,
+                          attempts=gone.attempts) from None
     except LockRetriesExhausted as exc:
         last_error = error_text(exc.error, module)
         info = None
@@ -411,23 +420,33 @@ def main():
         module.exit_json(changed=bool(results), results=results,
                          msg="would deduplicate %d table(s), one transaction each" % len(results))
     started = time.monotonic()
-    results = []
+    results, failures = [], []
     watch = PlayWatch(p["run_lock_id"], every=0)
-    for job in jobs:
+    for number, job in enumerate(jobs):
         try:
-            one = migrate_one(module, p, job, watch, first=not results)
+            one = migrate_one(module, p, job, watch, first=number == 0)
         except TableFailed as failed:
             if single:
                 module.fail_json(msg=failed.msg, **failed.extra)
-            done = [r["table"] for r in results if r["changed"]]
-            module.fail_json(
-                msg="%s (tables before it in this step: %s)" % (
-                    failed.msg, ", ".join(done) + " deduplicated and committed" if done else "none changed"),
-                changed=bool(done), results=results, failed_table=job["table"], **failed.extra)
+            # As a loop of one call per table did: the other tables go on (each is its own transaction), unless the
+            # play is gone. The call fails at the end, naming every table that failed.
+            failures.append((job, failed))
+            results.append(dict(failed.extra, schema=job["schema"], table=job["table"], changed=False, failed=True,
+                                msg=failed.msg))
+            if failed.stop:
+                break
+            continue
         if single:
             module.exit_json(**one)
         results.append(dict(one, schema=job["schema"], table=job["table"]))
     changed = [r for r in results if r["changed"]]
+    if failures:
+        done = [r["table"] for r in changed]
+        module.fail_json(
+            msg="%s (deduplicated and committed in this step: %s)" % (
+                "; ".join(f.msg for _job, f in failures), ", ".join(done) if done else "none"),
+            changed=bool(done), results=results, failed_table=failures[0][0]["table"],
+            failed_tables=[job["table"] for job, _f in failures], **failures[0][1].extra)
     module.exit_json(changed=bool(changed), results=results, seconds=round(time.monotonic() - started, 3),
                      msg="%d of %d table(s) deduplicated, one transaction each" % (len(changed), len(results)))
 

@@ -28,9 +28,10 @@ description:
     Supports C(--diff).
   - B(List mode) - C(constraints) lists the tables (each with the per-table options C(schema), C(table),
     C(columns), C(name), C(nulls_not_distinct)); the other options apply to every table. The tables are done in
-    order, in one process and on one connection, each exactly as in single mode; the first failure stops the run
-    and fails it with single mode's message, C(failed_table) and the C(results) of the tables done before it.
-    Between two tables it stops once the play that started it is gone.
+    order, in one process and on one connection, each exactly as in single mode. A table that fails does not stop
+    the others (as a loop of one call per table did); the call then fails with single mode's message of each
+    failed table, C(failed_table), C(failed_tables) and the C(results) of all (a failed one with C(failed=true)).
+    Between two tables it stops once the play that started it is gone, and after a lost connection.
   - In list mode an element's C(record) writes the table's row of the ledger run C(ledger_run_id) (in
     C(ledger_schema)) right after its constraint, when this run created it (or C(record_always)) - status
     C(constrained), C(constraint_name), C(natural_key), C(keep), C(order_by), and C(constraint_created=true) when
@@ -277,9 +278,14 @@ results:
       returned: when recorded
       type: dict
 failed_table:
-  description: List mode - the table that failed, as C("schema"."table").
+  description: List mode - the first table that failed, as C("schema"."table").
   returned: failure in list mode
   type: str
+failed_tables:
+  description: List mode - every table that failed, as C("schema"."table").
+  returned: failure in list mode, after the tables ran
+  type: list
+  elements: str
 blocking:
   description:
     - When the locks could not be had, the sessions holding or waiting for locks on the table (pid, user,
@@ -759,8 +765,9 @@ def where_of(spec):
 
 
 def run_list(module, specs):
-    """List mode: the tables in order on one connection; the first failure stops the run (and fails it) with the
-    single mode's message and the results of the tables done before it."""
+    """List mode: the tables in order on one connection. A table that fails does not stop the others (as a loop of
+    one call per table did), unless the play is gone or the connection is lost; the call then fails with the single
+    mode's message of every table that failed and the results of all."""
     p = module.params
     ledger = None
     if p["ledger_run_id"] and any(s["record"] is not None for s in specs):
@@ -770,13 +777,13 @@ def run_list(module, specs):
             module.fail_json(msg=str(exc), results=[])
     watch = PlayWatch(p.get("run_lock_id") or None, every=0)
     conn = connect(module, autocommit=True, application_name="pg_unique_constraint")
-    results, version = [], None
+    results, version, failures = [], None, []
     try:
         for number, spec in enumerate(specs):
             if number and play_gone(conn, watch):
-                module.fail_json(msg="the play that started pg_unique_constraint is gone; stopped before %s (%d of "
-                                     "%d tables done)" % (where_of(spec), number, len(specs)),
-                                 results=results, failed_table=where_of(spec), queries=[])
+                failures.append(("the play that started pg_unique_constraint is gone; stopped before %s (%d of %d "
+                                 "tables done)" % (where_of(spec), number, len(specs)), spec, {"queries": []}))
+                break
             try:
                 result, version = ensure_table(module, conn, spec, watch, version=version, ledger=ledger,
                                                run_id=p["ledger_run_id"])
@@ -784,12 +791,21 @@ def run_list(module, specs):
                 msg = exc.msg
                 if spec["table"] not in msg:  # a few messages do not name the table: say which it is
                     msg = "%s: %s" % (where_of(spec), msg)
-                module.fail_json(msg=msg, results=results, failed_table=where_of(spec), **exc.extra)
+                failures.append((msg, spec, exc.extra))
+                results.append(dict(exc.extra, schema=spec["schema"], table=spec["table"], changed=False,
+                                    failed=True, msg=msg))
+                if conn.closed:  # the connection is gone: the other tables cannot be done on it
+                    break
+                continue
             result.setdefault("schema", spec["schema"])
             result.setdefault("table", spec["table"])
             results.append(result)
     finally:
         conn.close()
+    if failures:
+        module.fail_json(msg="; ".join(m for m, _s, _x in failures), results=results,
+                         failed_table=where_of(failures[0][1]),
+                         failed_tables=[where_of(spec) for _m, spec, _x in failures], **failures[0][2])
     out = dict(changed=any(r["changed"] or (r.get("ledger") or {}).get("changed") for r in results),
                results=results)
     diffs = [r["diff"] for r in results if r.get("diff")]

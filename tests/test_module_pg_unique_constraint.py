@@ -374,17 +374,19 @@ def test_list_mode_creates_keeps_existing_and_records_in_the_ledger(pg, ledger_d
     assert ledger_rows(pg, db) == []
 
 
-def test_list_mode_stops_at_the_first_failure(pg, ledger_db):
+def test_list_mode_goes_on_past_a_failed_table_and_names_it(pg, ledger_db):
     db = ledger_db
     elements = [element("t", ["a", "b"]), element("dups", ["a", "b"], always=True), element("n", ["a", "b"])]
     res = uc(pg, db, constraints=elements, ledger_run_id=RUN, ledger_schema=LEDGER)
     assert res["failed"] is True, res
     assert '"public"."dups" still has 3 duplicate rows in 2 groups' in res["msg"], res["msg"]
     assert res["failed_table"] == '"public"."dups"' and res["duplicates"]["rows"] == 3
-    assert [(r["table"], r["action"]) for r in res["results"]] == [("t", "created")]
-    assert constraint_def(pg, db, "t_a_b_key") == "UNIQUE (a, b)"
-    assert constraint_def(pg, db, "dups_a_b_key") is None and constraint_def(pg, db, "n_a_b_key") is None
-    assert [r[0] for r in ledger_rows(pg, db)] == ["t", "task_tags"]  # dups not recorded, n never reached
+    assert res["failed_tables"] == ['"public"."dups"']
+    assert [(r["table"], r.get("action"), r.get("failed", False)) for r in res["results"]] == \
+        [("t", "created", False), ("dups", None, True), ("n", "created", False)]
+    assert constraint_def(pg, db, "t_a_b_key") == "UNIQUE (a, b)" and constraint_def(pg, db, "n_a_b_key")
+    assert constraint_def(pg, db, "dups_a_b_key") is None
+    assert [r[0] for r in ledger_rows(pg, db)] == ["n", "t", "task_tags"]  # dups not recorded
     # refused before anything runs: a bad name anywhere in the list, or table/columns beside constraints
     before = catalog(pg, db)
     res = uc(pg, db, constraints=[element("n", ["a", "b"]), element("t", ["a--"])])
@@ -442,7 +444,7 @@ def test_list_mode_progress_follows_the_table_being_worked_on(pg, db):
     assert proc.returncode != 0 and "FAILED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert res["background"] is True and res["failed_table"] == '"public"."n"', res
     assert 'could not lock table "public"."n"' in res["msg"] and res["blocking"][0]["pid"] == pid
-    assert [r["table"] for r in res["results"]] == ["t"]
+    assert [(r["table"], r.get("failed", False)) for r in res["results"]] == [("t", False), ("n", True)]
     bad = run_module("pg_migrate_progress", pg_args(pg, db, kind="index", wait=0, tables=[["public"]]))
     assert bad["failed"] and "pairs" in bad["msg"]
 

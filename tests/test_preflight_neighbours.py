@@ -330,9 +330,10 @@ def test_vacuum_full_behind_a_lock_warns_and_keeps_the_committed_migration(lpg, 
         first.close()
 
 
-def test_many_tables_in_one_call_stop_at_the_first_failure_and_keep_the_ones_before(lpg, ldb):
-    """The role's form: one pg_migrate_table call for every table. A table whose lock cannot be had fails the call
-    naming it; the tables before it stay committed and recorded (rows and size_after), the ones after are untouched."""
+def test_many_tables_in_one_call_go_on_past_a_failed_table_and_name_it(lpg, ldb):
+    """The role's form: one pg_migrate_table call for every table. A table whose lock cannot be had is rolled back
+    and the others go on (as a loop of one call per table did): the call fails naming it and the tables done, which
+    stay committed and recorded (rows and size_after)."""
     for schema in ("s_a", "s_b", "s_c"):
         _items(lpg, ldb, schema)
     ledger(lpg, ldb)
@@ -352,20 +353,21 @@ def test_many_tables_in_one_call_stop_at_the_first_failure_and_keep_the_ones_bef
     finally:
         holder.rollback()
         holder.close()
-    assert res.get("failed") and res["failed_table"] == "items", res
-    assert "s_b.items" in res["msg"] and "s_a.items deduplicated and committed" not in res["msg"], res["msg"]
-    assert "tables before it in this step: items deduplicated and committed" in res["msg"], res["msg"]
-    assert [(r["schema"], r["changed"]) for r in res["results"]] == [("s_a", True)]
+    assert res.get("failed") and res["failed_table"] == "items" and res["failed_tables"] == ["items"], res
+    assert "s_b.items" in res["msg"] and "(deduplicated and committed in this step: items, items)" in res["msg"], \
+        res["msg"]
+    assert [(r["schema"], r["changed"], r.get("failed", False)) for r in res["results"]] == \
+        [("s_a", True, False), ("s_b", False, True), ("s_c", True, False)]
     assert res["results"][0]["ledger"]["rows_removed"] == 100 and res["results"][0]["size_after"] > 0
     counts = {s: _sql(lpg, ldb, f"SELECT count(*) FROM {s}.items")[0][0] for s in ("s_a", "s_b", "s_c")}
-    assert counts == {"s_a": 50, "s_b": 150, "s_c": 150}, counts
+    assert counts == {"s_a": 50, "s_b": 150, "s_c": 50}, counts
     assert _sql(lpg, ldb, "SELECT schema_name, status, size_after > 0 FROM dedup_rollout.table_runs "
-                          "ORDER BY 1") == [("s_a", "deduplicated", True)]
-    # the same call again (the re-run) skips nothing it should not: s_a has no duplicates left, b and c are done
+                          "ORDER BY 1") == [("s_a", "deduplicated", True), ("s_c", "deduplicated", True)]
+    # the same call again (the re-run): a and c have no duplicates left, b is done now
     again = run_module("pg_migrate_table", pg_args(lpg, ldb, tables=jobs, run_id="r1", retry_delay=0.1,
                                                    ledger_schema="dedup_rollout"))
     assert not again.get("failed") and again["changed"], again
-    assert [(r["schema"], r["changed"]) for r in again["results"]] == [("s_a", False), ("s_b", True), ("s_c", True)]
+    assert [(r["schema"], r["changed"]) for r in again["results"]] == [("s_a", False), ("s_b", True), ("s_c", False)]
     assert {s: _sql(lpg, ldb, f"SELECT count(*) FROM {s}.items")[0][0] for s in ("s_a", "s_b", "s_c")} == \
         {"s_a": 50, "s_b": 50, "s_c": 50}
     check = run_module("pg_migrate_table", pg_args(lpg, ldb, tables=jobs, run_id="r1"), check=True)
