@@ -4,7 +4,8 @@ The migrate role used to render ``sql/migrate_table.sql.j2`` with one ``ansible.
 each call is a task round trip (about 0.9 s here) for a few milliseconds of Jinja. This action renders every table
 with the same templar and options as ``ansible.builtin.template`` (trim_blocks on, lstrip_blocks off, ``\\n``), writes
 each file into ``dest_dir`` on the controller (owner-only, atomically, rewritten only when its text changed) and returns
-the texts, so the next task can hand them to ``pg_migrate_table`` without reading the files again.
+the texts, so the next task can hand them to ``pg_migrate_table`` without reading the files again. Directories it
+creates are owner-only (0700), like the report directory.
 
 Options (task arguments):
   src       the template (a path on the controller)
@@ -34,6 +35,21 @@ UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 def file_name(position: int, table: str) -> str:
     """``NN_<table>.sql`` (the name the role's template loop used)."""
     return f"{position:02d}_{UNSAFE.sub('_', table)}.sql"
+
+
+def make_private_dirs(path: str) -> None:
+    """Create ``path`` and every missing parent owner-only (0700), as the file module did for the report's SQL
+    directory (os.makedirs gives the parents the umask's mode, 0755: the report directory must not be readable)."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        os.mkdir(d, 0o700)
+        os.chmod(d, 0o700)
 
 
 def write_if_changed(path: str, text: str) -> bool:
@@ -81,7 +97,7 @@ class ActionModule(ActionBase):
             template = trust_as_template(self._loader.get_text_file_contents(src))
         except Exception as exc:  # noqa: BLE001 - the file's own error, named
             raise AnsibleActionFail(f"dedup_render_sql: cannot read the template {src}: {exc}") from exc
-        os.makedirs(dest_dir, mode=0o700, exist_ok=True)
+        make_private_dirs(dest_dir)
         base_vars = dict(task_vars or {})
         base_vars.update(extra)
         templar = self._templar.copy_with_new_env(searchpath=[os.path.dirname(src)], available_variables=base_vars)
