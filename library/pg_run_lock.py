@@ -131,19 +131,29 @@ def play_anchor():
 
 
 def alive(pid):
+    """Whether ``pid`` runs. A zombie does not: the holder is detached (double fork), so its exit is reaped by
+    whatever init the host has, possibly late, and the lock went with its connection already."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: as before
 
 
 def anchor_alive(anchor):
     """Whether the watched process still runs (same pid AND same start time: a reused pid does not count)."""
     info = proc_info(anchor["pid"])
     return info is not None and info[1] == anchor["start"]
+
+
+class Released(Exception):
+    """SIGTERM from state=released: stop holding the lock."""
 
 
 def holder(kw, key, run_id, watch, max_seconds, pidfile, wfd):
@@ -169,11 +179,24 @@ def holder(kw, key, run_id, watch, max_seconds, pidfile, wfd):
         os.write(wfd, json.dumps({"ok": True, "pid": os.getpid()}).encode())
         os.close(wfd)
         deadline = time.time() + max_seconds
-        stop = {"flag": False}
-        signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
-        while not stop["flag"] and time.time() < deadline and (watch is None or anchor_alive(watch)):
-            time.sleep(1)
-            cur.execute("SELECT 1")
+
+        def released(*_args):
+            raise Released()
+
+        # state=released sends SIGTERM: leave the one-second wait at once (a flag set by the handler was only seen
+        # after the sleep and the next look-up, which made every release cost 1-2.5 s).
+        signal.signal(signal.SIGTERM, released)
+        try:
+            while time.time() < deadline and (watch is None or anchor_alive(watch)):
+                time.sleep(1)
+                cur.execute("SELECT 1")
+        except Released:
+            pass
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:  # released before this process ends, so whoever waits for its end may take the lock at once
+            cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        except psycopg2.Error:
+            pass  # the connection is gone: so is the lock
         conn.close()
         return 0
     except Exception as exc:  # noqa: BLE001
