@@ -16,9 +16,10 @@ continues:
 5. batches   at most ``batch_rows`` rows per transaction: DELETE ... RETURNING into the backup table and
              the ledger counter, in the same transaction; a pause between batches; plain VACUUM now and
              then;
-6. index     CREATE UNIQUE INDEX CONCURRENTLY under the constraint's name;
-7. attach    ALTER TABLE ... ADD CONSTRAINT ... UNIQUE USING INDEX and DROP TRIGGER in one transaction
-             under a short lock_timeout, retried;
+6. index     CREATE UNIQUE INDEX CONCURRENTLY under the constraint's name and
+7. attach    ALTER TABLE ... ADD CONSTRAINT ... UNIQUE USING INDEX with DROP TRIGGER in the same transaction,
+             under a short lock_timeout, retried: both by the constraint code that pg_unique_constraint uses
+             (module_utils/dedup_constraint.py), the trigger's drop passed as ``attach_with``;
 8. cleanup   guard function and helper index dropped; VACUUM (ANALYZE); pg_repack when the server has it.
 
 All SQL is composed with psycopg2.sql.
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import time
 
+from ansible.module_utils.dedup_constraint import Failed, UniqueConstraint, pick_equivalent
 from ansible.module_utils.dedup_ledger import Ledger
 from ansible.module_utils.dedup_locks import (
     LockRetriesExhausted,
@@ -231,17 +233,9 @@ class OnlineDedup:
             if self.backup is not None:
                 cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self._text(self.backup),))
                 backup = cur.fetchone()[0]
-        want_nnd = bool(self.p["nulls_not_distinct"])
-        constraint = None
-        for cand in found:
-            if not cand["usable"] or cand["primary_key"]:
-                continue
-            if any(self.nullable.values()) and want_nnd and not cand["nulls_not_distinct"]:
-                continue
-            if cand["type"] == "index" and cand["index_name"] == self.cname:
-                continue  # our own index, built but not attached yet
-            constraint = cand
-            break
+        # our own index, built but not attached yet, is not the constraint: the constraint step attaches it
+        constraint = pick_equivalent(found, [c for c, nullable in self.nullable.items() if nullable],
+                                     bool(self.p["nulls_not_distinct"]), own_index=self.cname)
         return {"constraint": constraint, "trigger": trigger, "function": function, "backup": backup,
                 "helper_index": indexes.get(self.helper), "unique_index": indexes.get(self.cname)}
 
@@ -342,14 +336,14 @@ class OnlineDedup:
         self.conn.autocommit = True
         self.step("backup_table", time.monotonic() - t0)
 
-    def build_index(self, name, unique):
-        """CREATE [UNIQUE] INDEX CONCURRENTLY; an INVALID leftover of the same name is dropped first."""
+    def build_helper_index(self):
+        """CREATE INDEX CONCURRENTLY of the guard's look-ups; an INVALID leftover of the same name is dropped
+        first."""
         t0 = time.monotonic()
-        cols = self._keys()
-        nnd = sql.SQL(" NULLS NOT DISTINCT") if unique and self.p["nulls_not_distinct"] else sql.SQL("")
+        name = self.helper
         drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qualified(self.p["schema"], name))
-        create = sql.SQL("CREATE {u}INDEX CONCURRENTLY {name} ON {tbl} ({cols}){nnd}").format(
-            u=sql.SQL("UNIQUE " if unique else ""), name=sql.Identifier(name), tbl=self.tbl, cols=cols, nnd=nnd)
+        create = sql.SQL("CREATE INDEX CONCURRENTLY {name} ON {tbl} ({cols})").format(
+            name=sql.Identifier(name), tbl=self.tbl, cols=self._keys())
         with self.conn.cursor() as cur:
             # waits for older transactions without blocking writers: no lock_timeout here
             self.set_session(cur, "0", "0")
@@ -361,7 +355,7 @@ class OnlineDedup:
             except psycopg2.Error:
                 cur.execute(drop)
                 raise
-        self.step("unique_index" if unique else "helper_index", time.monotonic() - t0)
+        self.step("helper_index", time.monotonic() - t0)
 
     def ensure_guard(self, st):
         t0 = time.monotonic()
@@ -477,13 +471,35 @@ class OnlineDedup:
         self.result["vacuums"] += 1
         self.result["vacuum_seconds"] = round(self.result.get("vacuum_seconds", 0.0) + time.monotonic() - t0, 3)
 
-    def attach(self, st):
-        t0 = time.monotonic()
-        stmts = [sql.SQL("ALTER TABLE {tbl} ADD CONSTRAINT {c} UNIQUE USING INDEX {c}").format(
-                     tbl=self.tbl, c=sql.Identifier(self.cname))]
-        stmts.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(GUARD_TRIGGER), self.tbl))
-        attempts = self.short_transaction(stmts, "attaching the UNIQUE constraint")
-        self.step("attach", time.monotonic() - t0, attempts=attempts)
+    def ensure_constraint(self):
+        """The UNIQUE constraint by the constraint code (module_utils/dedup_constraint.py): its index built
+        CONCURRENTLY (waiting for older transactions without a lock_timeout, never blocking writers), then attached
+        under the short lock_timeout, retried, with the guard trigger dropped in the attach's own transaction. A
+        valid index of ours left by an interrupted run is attached as it is. Raises Failed (``pgcode`` 23505 when a
+        duplicate got in during the build)."""
+        p = self.p
+        drop_guard = sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(GUARD_TRIGGER), self.tbl)
+        spec = {"schema": p["schema"], "table": p["table"], "columns": list(p["natural_key"]), "name": self.cname,
+                "nulls_not_distinct": bool(p["nulls_not_distinct"])}
+        options = {"state": "present", "concurrently": True, "lock_timeout": p["lock_timeout"],
+                   "statement_timeout": "0", "retries": p["retries"], "retry_delay": p["retry_delay"],
+                   "index_lock_timeout": "0", "maintenance_work_mem": p["maintenance_work_mem"],
+                   "check_duplicates": False, "attach_with": [drop_guard], "caller": "pg_online_dedup"}
+        uc = UniqueConstraint(self.module, spec, conn=self.conn, watch=self.play, version=self.version,
+                              options=options)
+        try:
+            out = uc.run()
+        finally:
+            self.queries.extend(uc.queries)
+            self.result["lock_attempts"] += uc.timings["attempts"]
+            if uc.timings["index_seconds"] is not None:
+                self.step("unique_index", uc.timings["index_seconds"])
+            if uc.timings["attach_seconds"] is not None:
+                self.result["longest_lock_seconds"] = max(self.result["longest_lock_seconds"],
+                                                          uc.timings["attach_seconds"])
+                self.step("attach", uc.timings["attach_seconds"], attempts=uc.timings["attempts"])
+        self.result["constraint_action"] = out["action"]
+        return out
 
     def cleanup(self, st):
         """Guard trigger (only when a constraint exists), function, helper index: whatever is left."""
@@ -622,7 +638,7 @@ class OnlineDedup:
             self.result["size_before"] = self.sizes()
             self.ensure_backup()
             if st["helper_index"] is not True:
-                self.build_index(self.helper, unique=False)
+                self.build_helper_index()
             self.ensure_guard(st)
             rows_before = None
             for attempt in range(2):
@@ -632,20 +648,18 @@ class OnlineDedup:
                     rows_before = rows_now if rows_before is None else rows_before
                     self.delete_batches(max_id)
                     self.vacuum(analyze=True)
-                    self.check_play("building the unique index")
-                    try:
-                        self.build_index(self.cname, unique=True)
-                    except psycopg2.Error as exc:
-                        if getattr(exc, "pgcode", None) == UNIQUE_VIOLATION and attempt == 0:
-                            self.module.warn("a duplicate got in during the build of the unique index of %s.%s "
-                                             "(a writer outside READ COMMITTED?); deduplicating once more"
-                                             % (p["schema"], p["table"]))
-                            continue
-                        raise
+                self.check_play("building the unique index" if st["unique_index"] is not True
+                                else "attaching the constraint")
+                try:
+                    self.ensure_constraint()
+                except Failed as exc:
+                    if exc.pgcode == UNIQUE_VIOLATION and attempt == 0:
+                        self.module.warn("a duplicate got in during the build of the unique index of %s.%s "
+                                         "(a writer outside READ COMMITTED?); deduplicating once more"
+                                         % (p["schema"], p["table"]))
+                        continue
+                    raise DedupPgError(exc.msg) from None
                 break
-            self.check_play("attaching the constraint")
-            st = self.state()
-            self.attach(st)
             self.cleanup(self.state())
             self.finish_ledger(rows_before)
             self.result["repacked"] = self.repack()
