@@ -47,6 +47,13 @@ options:
     description: C(work_mem) set (SET LOCAL) for the read-only transaction, so the hash aggregate stays in memory.
     type: str
     default: 256MB
+  fingerprint_ids:
+    description:
+      - Also fingerprint the primary key of every row (C(id_fingerprint)), which validation compares with the
+        migration's fingerprint of the kept rows. Off by default - preflight and monitoring do not need it, and
+        it costs a hash of every row.
+    type: bool
+    default: false
 notes:
   - Needs psycopg2 on the target. Supports check mode.
   - Cost per table is one sequential scan; samples come from the materialised aggregate, not from the table.
@@ -124,7 +131,9 @@ tables:
       type: str
       returned: always
     id_fingerprint:
-      description: Same over the primary key of every row; over the whole row when the table has no primary key.
+      description:
+        - Same over the primary key of every row; over the whole row when the table has no primary key.
+        - C(null) unless C(fingerprint_ids).
       type: str
       returned: always
     nulls: {description: Always C(not distinct)., type: str, returned: always}
@@ -184,7 +193,7 @@ def _key_json(key):
     ))
 
 
-def build_query(schema, table, key, compared, pk, samples):
+def build_query(schema, table, key, compared, pk, samples, fingerprint_ids=True):
     """The single-pass statement: aggregate per key once (materialised), then summarise that.
 
     The per-row hashes are computed once, in the innermost subquery (min and max of one expression would
@@ -197,6 +206,9 @@ def build_query(schema, table, key, compared, pk, samples):
     # Without a primary key the kept rows are fingerprinted whole (as the migration records them).
     id_hash = (sql.SQL("hashtextextended(ROW({})::text, 0)").format(
         sql.SQL(", ").join(map(sql.Identifier, pk))) if pk else sql.SQL("hashtextextended(ROW(dedup_t.*)::text, 0)"))
+    id_sum = sql.SQL("sum(dedup_i)")
+    if not fingerprint_ids:  # neither hashed nor summed
+        id_hash, id_sum = sql.SQL("NULL::bigint"), sql.SQL("NULL::numeric")
     null_cols = sql.SQL(", ").join(
         sql.SQL("coalesce(sum(n) FILTER (WHERE {} IS NULL), 0)").format(sql.Identifier(c)) for c in key
     )
@@ -208,7 +220,7 @@ def build_query(schema, table, key, compared, pk, samples):
     kj = _key_json(key)
     return sql.SQL(
         "WITH g AS MATERIALIZED ("
-        " SELECT {keys}, count(*) AS n, min(dedup_h) AS hmin, max(dedup_h) AS hmax, sum(dedup_i) AS idsum"
+        " SELECT {keys}, count(*) AS n, min(dedup_h) AS hmin, max(dedup_h) AS hmax, {id_sum} AS idsum"
         " FROM (SELECT {keys}, {h} AS dedup_h, {id_hash} AS dedup_i FROM {tbl} dedup_t) dedup_r GROUP BY {keys}) "
         "SELECT coalesce(sum(n), 0), count(*), count(*) FILTER (WHERE n > 1), coalesce(max(n), 0), "
         "coalesce(sum(n) FILTER (WHERE {any_null}), 0), "
@@ -218,7 +230,8 @@ def build_query(schema, table, key, compared, pk, samples):
         "{s_dup}, {s_div}, {s_null}, ARRAY[{null_cols}]::bigint[] "
         "FROM g"
     ).format(
-        keys=keys, h=_row_hash(compared), id_hash=id_hash, tbl=qualified(schema, table), any_null=any_null,
+        keys=keys, h=_row_hash(compared), id_hash=id_hash, id_sum=id_sum, tbl=qualified(schema, table),
+        any_null=any_null,
         null_cols=null_cols,
         s_dup=sample.format(kj=kj, cond=sql.SQL("n > 1"), lim=lim),
         s_div=sample.format(kj=kj, cond=sql.SQL("hmin <> hmax"), lim=lim),
@@ -312,6 +325,7 @@ def main():
         ignore_columns=dict(type="list", elements="str", default=["id", "created_at", "updated_at"]),
         samples=dict(type="int", default=5),
         work_mem=dict(type="str", default="256MB"),
+        fingerprint_ids=dict(type="bool", default=False),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     schema = validate_identifier(module.params["schema"], "schema", module)
@@ -343,7 +357,8 @@ def main():
             plans.append((t, info, key, compared))
         for t, info, key, compared in plans:
             start = time.monotonic()
-            query = build_query(schema, t["name"], key, compared, info["primary_key"], module.params["samples"])
+            query = build_query(schema, t["name"], key, compared, info["primary_key"], module.params["samples"],
+                                fingerprint_ids=module.params["fingerprint_ids"])
             try:
                 cur.execute(query)
             except Exception as exc:
@@ -377,7 +392,7 @@ def main():
                 "divergent_columns": div_columns,
                 "divergent_sample": div_sample,
                 "key_fingerprint": key_fp,
-                "id_fingerprint": id_fp,
+                "id_fingerprint": id_fp if module.params["fingerprint_ids"] else None,
                 "primary_key": info["primary_key"],
                 "partitioned": info["partitioned"],
                 "inherited_by": info["inherited_by"],

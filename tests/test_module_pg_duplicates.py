@@ -105,7 +105,8 @@ def test_clean_empty_and_totals_in_input_order(pg, db):
 
 
 def test_hostile_but_legal_identifiers(pg, db):
-    res = dup(pg, db, [{"name": "Select", "natural_key": ["User", "key col"]}], schema="Weird Schema")
+    res = dup(pg, db, [{"name": "Select", "natural_key": ["User", "key col"]}], schema="Weird Schema",
+              fingerprint_ids=True)
     t = res["tables"][0]
     assert (t["total_rows"], t["distinct_keys"], t["duplicate_rows"], t["divergent_groups"]) == (3, 2, 1, 1)
     assert t["compared_columns"] == ["it's", "order"]
@@ -114,9 +115,10 @@ def test_hostile_but_legal_identifiers(pg, db):
 
 
 def test_fingerprints_survive_dedup(pg, db):
-    before = dup(pg, db, [{"name": "divergent", "natural_key": ["a", "b"]}])["tables"][0]
+    before = dup(pg, db, [{"name": "divergent", "natural_key": ["a", "b"]}], fingerprint_ids=True)["tables"][0]
+    assert dup(pg, db, [{"name": "divergent", "natural_key": ["a", "b"]}])["tables"][0]["id_fingerprint"] is None
     pg.execute("DELETE FROM divergent d USING divergent o WHERE d.a = o.a AND d.b = o.b AND d.id > o.id", db)
-    after = dup(pg, db, [{"name": "divergent", "natural_key": ["a", "b"]}])["tables"][0]
+    after = dup(pg, db, [{"name": "divergent", "natural_key": ["a", "b"]}], fingerprint_ids=True)["tables"][0]
     assert after["duplicate_rows"] == 0 and after["total_rows"] == 4
     assert after["key_fingerprint"] == before["key_fingerprint"]
     assert after["id_fingerprint"] != before["id_fingerprint"]
