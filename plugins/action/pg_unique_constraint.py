@@ -1,7 +1,8 @@
 """Action plugin for pg_unique_constraint: building the UNIQUE index of a big table prints its phase and blocks.
 
-Long when ``state=present`` and the table (its ``heap_size`` in ``preflight_plan.tables``; unknown = long) is at
-least ``dedup_progress_min_size``; in list mode (``constraints``) when any of its tables is. The reader shows
+Long when ``state=present`` and the table (its ``heap_size`` in ``preflight_plan.tables``, or its size after the
+deduplication of this run, ``size_after`` in ``migrate__applied``; unknown = long) is at least
+``dedup_progress_min_size``; in list mode (``constraints``) when any of its tables is. The reader shows
 ``pg_stat_progress_create_index`` (phase, blocks, tuples) or the lock the DDL waits for: of the table, or in list
 mode of whichever of the tables is being built (``pg_migrate_progress`` kind=index with ``tables``). Shared
 mechanism: plugins/action/dedup_progress.py.
@@ -44,6 +45,12 @@ class ActionModule(ProgressAction):
         for t in self.fact(task_vars, "preflight_plan", "tables", default=None) or []:
             if isinstance(t, dict):
                 sizes[(t.get("schema"), t.get("table"))] = t.get("heap_size", t.get("size_before"))
+        # A table this run deduplicated is measured again after it (pg_migrate_table's size_after, the whole
+        # relation): the index is built over what is left, not over the duplicates the plan measured.
+        applied = task_vars.get("migrate__applied")
+        for r in (applied.get("results") if isinstance(applied, dict) else None) or []:
+            if isinstance(r, dict) and r.get("changed") and isinstance(r.get("size_after"), int):
+                sizes[(r.get("schema"), r.get("table"))] = r["size_after"]
         known = [sizes.get((s, t)) for s, t in pairs]
         size = None if any(v is None for v in known) else max(int(v) for v in known)  # unknown = long
         if elements:
