@@ -21,9 +21,11 @@ File names: ``NN_<table>.sql``, NN the table's position (01, 02, ...), unsafe ch
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
-import tempfile
+import sys
+from pathlib import Path
 
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
@@ -37,41 +39,19 @@ def file_name(position: int, table: str) -> str:
     return f"{position:02d}_{UNSAFE.sub('_', table)}.sql"
 
 
-def make_private_dirs(path: str) -> None:
-    """Create ``path`` and every missing parent owner-only (0700), as the file module did for the report's SQL
-    directory (os.makedirs gives the parents the umask's mode, 0755: the report directory must not be readable)."""
-    missing = []
-    while path and not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for d in reversed(missing):
-        os.mkdir(d, 0o700)
-        os.chmod(d, 0o700)
+def _files():
+    """plugins/action/dedup_files.py (owner-only directories, atomic writes), loaded once by its path."""
+    name = "dedup_action_files"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("dedup_files.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
 
-def write_if_changed(path: str, text: str) -> bool:
-    """Write ``text`` to ``path`` (mode 0600, atomically) unless it holds exactly that already."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            if fh.read() == text:
-                os.chmod(path, 0o600)
-                return False
-    except FileNotFoundError:
-        pass
-    fd, tmp = tempfile.mkstemp(prefix=".render-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return True
+make_private_dirs = _files().make_private_dirs
+write_if_changed = _files().write_if_changed
 
 
 class ActionModule(ActionBase):
