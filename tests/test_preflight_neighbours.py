@@ -374,6 +374,49 @@ def test_many_tables_in_one_call_go_on_past_a_failed_table_and_name_it(lpg, ldb)
     assert check["changed"] and len(check["results"]) == 3 and "would deduplicate 3 table(s)" in check["msg"]
 
 
+def test_many_tables_in_one_call_stop_between_tables_once_the_play_is_gone(lpg, ldb):
+    """One pg_migrate_table call for two tables, the play's run lock held by a session named as pg_run_lock's
+    holder names it. The play dies (its holder session goes) while the first table waits for its lock: that table,
+    already under way in its transaction, finishes and commits; the second is never started, and the call says so."""
+    from ansible.module_utils.dedup_pg import run_lock_app_name
+
+    for schema in ("s_a", "s_b"):
+        _items(lpg, ldb, schema)
+    ledger(lpg, ldb)
+    jobs = []
+    for schema in ("s_a", "s_b"):
+        p = plan(lpg, ldb, schema=schema)
+        assert not p.get("failed"), p
+        t = dict(p["tables"][0], backup_table=f"items_{schema}__r1")
+        jobs.append({"schema": schema, "table": "items", "strategy": "replace",
+                     "sql": render_migration(t, lock_timeout="20s")})
+    play = psycopg2.connect(**lpg.dsn(ldb), application_name=run_lock_app_name("rk"))
+    blocker = lpg.connect(ldb, autocommit=False)
+    results = []
+    try:
+        with blocker.cursor() as cur:
+            cur.execute("LOCK TABLE s_a.items IN ACCESS SHARE MODE")
+        worker = threading.Thread(target=lambda: results.append(run_module("pg_migrate_table", pg_args(
+            lpg, ldb, tables=jobs, run_id="r1", run_lock_id="rk", retry_delay=0.1, ledger_schema="dedup_rollout"))))
+        worker.start()
+        wait_for(lambda: _sql(lpg, ldb, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                        "AND query LIKE '%%LOCK TABLE%%s_a%%'")[0][0] == 1, timeout=30)
+        play.close()  # the play is gone
+        blocker.rollback()  # the first table gets its lock and goes on in the transaction it is in
+        worker.join(timeout=60)
+    finally:
+        blocker.close()
+        if not play.closed:
+            play.close()
+    assert results, "pg_migrate_table did not return"
+    res = results[0]
+    assert res.get("failed"), res
+    assert "the play that started the migration is gone; stopped before s_b.items" in res["msg"], res
+    counts = {s: _sql(lpg, ldb, f"SELECT count(*) FROM {s}.items")[0][0] for s in ("s_a", "s_b")}
+    assert counts == {"s_a": 50, "s_b": 150}, counts
+    assert _sql(lpg, ldb, "SELECT schema_name FROM dedup_rollout.table_runs") == [("s_a",)]
+
+
 def test_online_backup_table_is_owner_only_under_default_privileges(lpg, ldb):
     _items(lpg, ldb)
     ledger(lpg, ldb)
