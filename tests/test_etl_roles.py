@@ -200,6 +200,73 @@ def test_deploy_v2_switches_current_keeps_v1_renders_keys_and_is_idempotent(lab)
     assert len(json.loads((lab.etl_dir / ".dedup-rollout" / "releases.json").read_text())["history"]) == 1
 
 
+def test_redeploy_is_a_no_op_and_puts_back_what_was_changed_by_hand(lab, tmp_path):
+    # Scratch copies go to the controller's temporary directory: a private one, to see that none is left behind.
+    scratch = tmp_path / "controller-tmp"
+    scratch.mkdir()
+    env = {"TMPDIR": str(scratch)}
+    res = lab.playbook(PLAYBOOK, "--tags", "etl_deploy", env=env, extra_vars={"dedup_run_id": "run-hand-1"})
+    assert res.rc == 0, res.output[-4000:]
+    v2 = lab.etl_dir / "releases" / "v2"
+    # Byte-code as the ETL writes it (python -B or PYTHONDONTWRITEBYTECODE may keep a real run from it).
+    uid = pwd.getpwnam(lab.etl_user).pw_uid
+    pycache = [v2 / "__pycache__" / "etl_base.cpython-311.pyc", v2 / "stray.pyc"]
+    pycache[0].parent.mkdir()
+    for p in pycache:
+        p.write_bytes(b"byte-code")
+        os.chown(p, uid, -1)
+    state = tree_state(lab.etl_dir)
+
+    # Nothing to do: no task of the role changes anything, nothing is touched, nothing is copied.
+    res = lab.playbook(PLAYBOOK, "--tags", "etl_deploy", env=env, extra_vars={"dedup_run_id": "run-hand-2"})
+    assert res.rc == 0, res.output[-4000:]
+    assert res.changed("lab-etl") == 0, res.output[-4000:]
+    assert "(identical content); current already v2." in res.output
+    assert tree_state(lab.etl_dir) == state
+    assert list(scratch.iterdir()) == []
+
+    # By hand: one file edited with the same size and mtime (only its content tells), one made group-writable,
+    # one given to root, one file added, one removed, byte-code added.
+    edited = v2 / "etl_base.py"
+    original = edited.read_bytes()
+    st = edited.stat()
+    tampered = bytearray(original)
+    i = original.index(b"ON CONFLICT")
+    tampered[i:i + 11] = b"on conflict"
+    edited.write_bytes(bytes(tampered))
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert edited.stat().st_size == st.st_size and edited.stat().st_mtime_ns == st.st_mtime_ns
+    os.chmod(v2 / "config.py", 0o664)
+    os.chown(v2 / "fixture_api.py", 0, 0)
+    (v2 / "notes.txt").write_text("left by hand\n")
+    run_etl = (v2 / "run_etl.py").read_bytes()
+    (v2 / "run_etl.py").unlink()
+    (v2 / "__pycache__" / "extra.cpython-311.pyc").write_bytes(b"byte-code")
+
+    res = lab.playbook(PLAYBOOK, "--tags", "etl_deploy", env=env, extra_vars={"dedup_run_id": "run-hand-3"})
+    assert res.rc == 0, res.output[-4000:]
+    assert res.changed("lab-etl") > 0
+    assert "(files changed); current already v2." in res.output
+    assert edited.read_bytes() == original
+    assert (v2 / "run_etl.py").read_bytes() == run_etl
+    assert stat.S_IMODE((v2 / "config.py").stat().st_mode) == 0o644
+    assert (v2 / "fixture_api.py").stat().st_uid == uid
+    assert not (v2 / "notes.txt").exists()
+    assert (v2 / "__pycache__" / "extra.cpython-311.pyc").read_bytes() == b"byte-code"
+    assert all(p.exists() for p in pycache)
+    assert lab.current_release() == "releases/v2"
+    assert len(json.loads((lab.etl_dir / ".dedup-rollout" / "releases.json").read_text())["history"]) == 1
+    assert list(scratch.iterdir()) == []
+
+    # And the run after that has nothing to do again.
+    (v2 / "__pycache__" / "extra.cpython-311.pyc").unlink()
+    state = tree_state(lab.etl_dir)
+    res = lab.playbook(PLAYBOOK, "--tags", "etl_deploy", env=env, extra_vars={"dedup_run_id": "run-hand-4"})
+    assert res.rc == 0, res.output[-4000:]
+    assert res.changed("lab-etl") == 0, res.output[-4000:]
+    assert tree_state(lab.etl_dir) == state
+
+
 def test_deploy_of_the_buggy_release_is_refused_before_the_switch(lab, tmp_path):
     # v1 (ON CONFLICT DO NOTHING, no target), shipped as an archive under another version name.
     archive = tmp_path / "etl-v1.tar.gz"

@@ -23,6 +23,9 @@ description:
     C(tables) is not a finding.
   - Returns a manifest (relative path, sha256, mode of every staged file) and a digest over it.
   - Runs on the controller (delegate_to localhost) before anything is installed on a target.
+  - Without C(dest), stages into a new scratch directory of the controller's temporary directory (prefix
+    C(etl-release-)), returned as C(dest). With C(keep=false) the staged copy is removed before the module
+    returns (only the manifest, digest and findings are wanted), and on a failure too.
 version_added: "1.0.0"
 author: dedup-rollout
 options:
@@ -33,9 +36,19 @@ options:
     type: path
     required: true
   dest:
-    description: Scratch directory to stage into; created if missing, must be empty.
+    description:
+      - Scratch directory to stage into; created if missing, must be empty.
+      - Default a new directory in the controller's temporary directory.
     type: path
-    required: true
+  keep:
+    description: Keep the staged copy (false removes C(dest) before returning, and on a failure).
+    type: bool
+    default: true
+  expect_digest:
+    description:
+      - The digest of an earlier staging of the same release; a different one fails (the source changed
+        in between) and removes the staged copy.
+    type: str
   natural_keys:
     description: Table name -> list of key columns, written to C(natural_keys.json). Empty writes no file.
     type: dict
@@ -68,9 +81,20 @@ EXAMPLES = r"""
     tables: [task_photos]
   delegate_to: localhost
   register: etl_deploy_stage
+
+- name: Only scan it and return its manifest (nothing is left on the controller)
+  etl_release_stage:
+    src: "{{ playbook_dir }}/../etl/releases/v2"
+    keep: false
+  delegate_to: localhost
+  register: etl_deploy_stage
 """
 
 RETURN = r"""
+dest:
+  description: The staging directory (removed again when C(keep=false)).
+  returned: success
+  type: str
 files:
   description: The staged files, sorted by path.
   returned: success
@@ -299,26 +323,9 @@ def scan(dest: str, files: list[dict], tables: list[str]) -> tuple[list[dict], l
     return sorted(findings, key=lambda f: (f["file"], f["line"])), scanned
 
 
-def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            src=dict(type="path", required=True),
-            dest=dict(type="path", required=True),
-            natural_keys=dict(type="dict", default={}, no_log=False),  # table -> key columns, not a secret
-            natural_keys_file=dict(type="str", default="natural_keys.json"),
-            tables=dict(type="list", elements="str", default=[]),
-            exclude=dict(type="list", elements="str", default=[".git", "__pycache__", "*.pyc",
-                                                              ".dedup-release.json"]),
-        ),
-        supports_check_mode=True,
-    )
+def stage(module, src: str, dest: str) -> tuple[list[dict], str, list[dict], list[str]]:
+    """Stage ``src`` into ``dest`` and scan it: manifest, digest, findings, scanned files."""
     p = module.params
-    src, dest = p["src"].rstrip("/") or "/", p["dest"]
-    if not os.path.exists(src):
-        module.fail_json(msg=f"etl_release_stage: release source {src} does not exist (on the controller)")
-    if os.path.isdir(dest) and os.listdir(dest):
-        module.fail_json(msg=f"etl_release_stage: scratch directory {dest} is not empty")
-    os.makedirs(dest, exist_ok=True)
     patterns = p["exclude"] + [p["natural_keys_file"]]
     if os.path.isdir(src):
         copy_tree(src, dest, patterns)
@@ -338,8 +345,50 @@ def main() -> None:
     digest = hashlib.sha256(
         "".join(f"{f['path']}\0{f['sha256']}\0{f['mode']}\n" for f in files).encode()
     ).hexdigest()
+    if p["expect_digest"] and digest != p["expect_digest"]:
+        module.fail_json(msg=f"etl_release_stage: release source {src} changed while deploying (digest {digest[:12]}, "
+                             f"was {p['expect_digest'][:12]}); nothing was installed from it, run the deploy again")
     findings, scanned = scan(dest, files, p["tables"])
-    module.exit_json(changed=True, files=files, digest=digest, findings=findings, scanned=scanned)
+    return files, digest, findings, scanned
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            src=dict(type="path", required=True),
+            dest=dict(type="path"),
+            keep=dict(type="bool", default=True),
+            expect_digest=dict(type="str"),
+            natural_keys=dict(type="dict", default={}, no_log=False),  # table -> key columns, not a secret
+            natural_keys_file=dict(type="str", default="natural_keys.json"),
+            tables=dict(type="list", elements="str", default=[]),
+            exclude=dict(type="list", elements="str", default=[".git", "__pycache__", "*.pyc",
+                                                              ".dedup-release.json"]),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    src, dest = p["src"].rstrip("/") or "/", p["dest"]
+    if not os.path.exists(src):
+        module.fail_json(msg=f"etl_release_stage: release source {src} does not exist (on the controller)")
+    if dest and os.path.isdir(dest) and os.listdir(dest):
+        module.fail_json(msg=f"etl_release_stage: scratch directory {dest} is not empty")
+    if dest:
+        os.makedirs(dest, exist_ok=True)
+    else:
+        dest = tempfile.mkdtemp(prefix="etl-release-")
+    # Removed when not kept, and on a failure if the module made it or it is not to be kept.
+    drop = not p["keep"] or not p["dest"]
+    try:
+        files, digest, findings, scanned = stage(module, src, dest)
+    except BaseException:
+        # fail_json raises SystemExit after printing; the staged copy goes either way.
+        if drop:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+    if not p["keep"]:
+        shutil.rmtree(dest, ignore_errors=True)
+    module.exit_json(changed=True, dest=dest, files=files, digest=digest, findings=findings, scanned=scanned)
 
 
 if __name__ == "__main__":
