@@ -15,6 +15,9 @@ description:
   - C(action=init) creates the owner-only C(monitor_checks) table from the rendered C(sql/monitor_checks.sql.j2);
     changed only when it was missing.
   - C(action=record) inserts one check into C(monitor_checks); always changed (a check is an event).
+  - C(action=watch) is what the scheduled check's install needs, in one connection - C(action=init) when
+    C(init_sql) is given (changed only when C(monitor_checks) was missing), then C(action=status), then the
+    deploy's table rows of the ledger (C(tables)) with the constraint each got.
   - Check mode writes nothing.
 version_added: "1.0.0"
 author: dedup-rollout
@@ -24,20 +27,22 @@ options:
     description: What to do.
     type: str
     required: true
-    choices: [status, sizes, init, record]
+    choices: [status, sizes, init, record, watch]
   backup_schema:
     description: Schema of the ledger.
     type: str
     default: dedup_rollout
   init_sql:
-    description: Rendered C(sql/monitor_checks.sql.j2) (action=init).
+    description:
+      - Rendered C(sql/monitor_checks.sql.j2) (action=init; action=watch creates the table when it is missing only
+        if given).
     type: str
   run_id:
-    description: The deploy (status, record). For status, empty means the latest deploy in the ledger.
+    description: The deploy (status, watch, record). For status and watch, empty means the latest deploy in the ledger.
     type: str
     default: ""
   now:
-    description: ISO 8601 time used instead of the server's clock (status, record); for tests and replays.
+    description: ISO 8601 time used instead of the server's clock (status, watch, record); for tests and replays.
     type: str
     default: ""
   schema:
@@ -95,37 +100,52 @@ EXAMPLES = r"""
     run_id: "{{ monitor__status.deploy.run_id }}"
     clean: true
     problems: []
+
+- name: Ensure the checks table, read the deploy, its age and the constraints it put in place (one connection)
+  pg_monitor:
+    action: watch
+    init_sql: "{{ lookup('ansible.builtin.template', 'sql/monitor_checks.sql.j2') }}"
+  register: monitor__sched_status
 """
 
 RETURN = r"""
 ledger_exists:
-  description: Whether the ledger (runs, table_runs) exists (action=status).
-  returned: action=status
+  description: Whether the ledger (runs, table_runs) exists (action=status, action=watch).
+  returned: action=status, action=watch
   type: bool
 checks_table:
-  description: Whether the table of monitoring checks (monitor_checks) exists (action=status).
-  returned: action=status
+  description:
+    - Whether the table of monitoring checks (monitor_checks) exists (action=status, action=watch; after the
+      creation, or, in check mode, as it would be).
+  returned: action=status, action=watch
+  type: bool
+checks_table_created:
+  description: Whether monitor_checks was created by this call (in check mode, would be).
+  returned: action=watch
   type: bool
 deploy:
   description:
     - The deploy's ledger row (run_id, status, environment, started_at, finished_at in ISO 8601 UTC, ...), or null.
-  returned: action=status
+  returned: action=status, action=watch
   type: dict
 deploy_age_seconds:
   description: Seconds from the deploy's finish to now (null while it has not finished).
-  returned: action=status
+  returned: action=status, action=watch
   type: int
 last_check:
   description: The newest monitoring check of that deploy (checked_at, source, clean, problems), or null.
-  returned: action=status
+  returned: action=status, action=watch
   type: dict
 now:
   description: The time used as now, ISO 8601 UTC.
-  returned: action=status, action=record
+  returned: action=status, action=watch, action=record
   type: str
 tables:
-  description: One entry per table (table, exists, bytes) (action=sizes).
-  returned: action=sizes
+  description:
+    - action=sizes, one entry per table (table, exists, bytes).
+    - action=watch, the deploy's table rows in the ledger (schema_name, table_name, constraint_name), as
+      pg_ledger action=read returns them; empty without a deploy.
+  returned: action=sizes, action=watch
   type: list
 database_size:
   description: pg_database_size of the database, bytes (action=sizes).
@@ -144,7 +164,7 @@ check_id:
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.dedup_ledger import Ledger
+from ansible.module_utils.dedup_ledger import Ledger, jsonable
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
     connect,
@@ -156,6 +176,7 @@ from ansible.module_utils.dedup_pg import utc_iso as iso
 
 RUN_FIELDS = ("run_id", "kind", "status", "environment", "mode", "backup_mode", "target_run_id", "dump_path",
               "dump_bytes", "dump_host", "started_at", "finished_at", "details")
+TABLE_FIELDS = ("schema_name", "table_name", "constraint_name")
 
 
 def server_now(cur, now):
@@ -184,6 +205,26 @@ def do_status(cur, p, ledger):
     return out
 
 
+def do_watch(cur, conn, p, ledger, check_mode):
+    """init (when init_sql is given and monitor_checks is missing), status and the deploy's table rows."""
+    created = False
+    if p["init_sql"] and not ledger.checks_exist(cur):
+        created = True
+        if not check_mode:
+            ledger.create(cur, p["init_sql"])
+            conn.commit()
+    out = do_status(cur, p, ledger)
+    if created and check_mode:
+        out["checks_table"] = True
+    out["checks_table_created"] = created
+    out["tables"] = []
+    if out["deploy"] is not None:
+        rows = ledger.table_rows(cur, out["deploy"]["run_id"], columns=TABLE_FIELDS, order="started")
+        out["tables"] = [{k: jsonable(v) for k, v in r.items()} for r in rows]
+    conn.rollback()
+    return created, out
+
+
 def do_sizes(cur, p, schema, module):
     data_schema = validate_identifier(p["schema"], "schema", module)
     tables = []
@@ -205,7 +246,7 @@ def do_sizes(cur, p, schema, module):
 def main():
     argument_spec = pg_common_argument_spec()
     argument_spec.update(
-        action=dict(type="str", required=True, choices=["status", "sizes", "init", "record"]),
+        action=dict(type="str", required=True, choices=["status", "sizes", "init", "record", "watch"]),
         backup_schema=dict(type="str", default="dedup_rollout"),
         init_sql=dict(type="str"),
         run_id=dict(type="str", default=""),
@@ -232,6 +273,11 @@ def main():
             out = do_status(cur, p, ledger)
             conn.rollback()
             module.exit_json(changed=False, **out)
+        if p["action"] == "watch":
+            created, out = do_watch(cur, conn, p, ledger, module.check_mode)
+            state = ("would be created" if module.check_mode else "created") if created else (
+                "present" if out["checks_table"] else "absent")
+            module.exit_json(changed=created, msg="%s.monitor_checks %s" % (schema, state), **out)
         if p["action"] == "sizes":
             out = do_sizes(cur, p, schema, module)
             conn.rollback()

@@ -256,6 +256,43 @@ def test_monitor_and_scheduled_check_on_a_deployed_lab(lab, check_files):
         assert lab.password not in secret_free.read_text()
     assert stat.S_IMODE(check_files["pgpass"].stat().st_mode) == 0o600
     assert stat.S_IMODE(check_files["config"].stat().st_mode) == 0o600
+    script = check_files["script_dir"] / "dedup_check.py"
+    assert script.read_bytes() == SCRIPT.read_bytes() and stat.S_IMODE(script.stat().st_mode) == 0o755
+
+    # 2b. hand edits are put back: --check says so and changes nothing, the run restores every file, then changed=0
+    good = {k: check_files[k].read_bytes() for k in ("cron", "config", "pgpass")}
+    check_files["config"].write_text(json.dumps({**json.loads(good["config"]), "hourly_hours": 1}))
+    with check_files["cron"].open("a") as fh:
+        fh.write("* * * * * root echo hand-edited\n")
+    os.chmod(check_files["pgpass"], 0o644)
+    script.write_text("#!/bin/sh\necho hand-edited\n")
+    edited = {k: check_files[k].read_bytes() for k in ("cron", "config")}
+    res = lab.playbook(MONITOR, "--tags", "schedule", "--check", extra_vars=ev)
+    assert res.rc == 0 and res.changed() == 1, res.output[-5000:]
+    flat = " ".join(res.output.split())  # the callback folds long messages
+    said = flat[flat.index("Would install the scheduled check"):][:1500]
+    assert all(w in said for w in ("Would change:", "script", "config", "mode of pgpass file", "cron file")), said
+    assert lab.password not in res.output
+    assert {k: check_files[k].read_bytes() for k in ("cron", "config")} == edited, "--check changed a file"
+    assert stat.S_IMODE(check_files["pgpass"].stat().st_mode) == 0o644
+    res = lab.playbook(MONITOR, "--tags", "schedule", extra_vars=ev)
+    assert res.rc == 0 and res.changed() == 1, res.output[-5000:]
+    assert {k: check_files[k].read_bytes() for k in ("cron", "config", "pgpass")} == good
+    assert stat.S_IMODE(check_files["pgpass"].stat().st_mode) == 0o600
+    assert stat.S_IMODE(check_files["config"].stat().st_mode) == 0o600
+    assert script.read_bytes() == SCRIPT.read_bytes() and stat.S_IMODE(script.stat().st_mode) == 0o755
+    assert not list(check_files["config_dir"].glob(".*.tmp")), "a temp file was left behind"
+    res = lab.playbook(MONITOR, "--tags", "schedule", extra_vars=ev)
+    assert res.rc == 0 and res.changed() == 0, res.output[-5000:]
+    assert "Nothing to change." in " ".join(res.output.split())
+    # a monitor_cron_dir that is a file: refused with the reason, nothing of that check written
+    not_a_dir = check_files["config_dir"].parent / "cron.d-file"
+    not_a_dir.write_text("")
+    res = lab.playbook(MONITOR, "--tags", "schedule",
+                       extra_vars={**ev, "monitor_cron_dir": str(not_a_dir), "monitor_check_name": "other"})
+    assert res.rc != 0, res.output[-5000:]
+    assert f"monitor_cron_dir {not_a_dir} on lab-db exists but is not a directory" in " ".join(res.output.split())
+    assert not list(check_files["config_dir"].glob("check-other.*")) and not_a_dir.read_text() == ""
 
     run = run_cron_job(check_files["cron"])
     assert run.returncode == 0, run.stderr + check_files["log"].read_text()

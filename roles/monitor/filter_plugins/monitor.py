@@ -85,7 +85,8 @@ def monitor_findings(dups: list, constraints: list, sizes: dict, etl: list | Non
 
 def monitor_schedule_tables(tables: list, ledger_tables: list) -> list[dict]:
     """The scheduled check's tables: each of dedup_tables with the constraint the deploy recorded for it in the
-    ledger (``pg_ledger action=read`` ``tables``; '' when the ledger names none)."""
+    ledger (``pg_monitor action=watch`` ``tables``, the same rows as ``pg_ledger action=read``; '' when the
+    ledger names none)."""
     out = []
     for t in tables or []:
         rows = [r for r in ledger_tables or [] if r.get("table_name") == t["name"]]
