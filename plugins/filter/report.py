@@ -314,6 +314,16 @@ def _regions():
     return _REGIONS
 
 
+def _tables(hv, check_mode: bool) -> list:
+    """The host's table rows: validation's summary, or, where validation did not run (nothing to do), the same
+    summary of the tables as preflight found them."""
+    tables = hv.get("validate_report_tables")
+    if tables is None and hv.get("preflight_before") is not None:
+        tables = dedup_table_summary(hv["preflight_before"], hv["preflight_plan"],
+                                     backup_schema=hv.get("dedup_backup_schema", ""), check_mode=check_mode)
+    return tables or []
+
+
 def _server(hv, defaults: dict) -> str:
     host = hv.get("dedup_db_host", defaults.get("dedup_db_host"))
     return f"{host}:{hv.get('dedup_db_port', defaults.get('dedup_db_port'))}"
@@ -343,7 +353,7 @@ def dedup_report_databases(groups, hostvars, defaults: dict, check_mode: bool = 
             "backup": hv.get("backup_result"),
             "database_size_before": hv["preflight_plan"]["server"]["database_size"],
             "database_size_after": after["server"]["database_size"] if after is not None else None,
-            "tables": hv.get("validate_report_tables") or [],
+            "tables": _tables(hv, check_mode),
             "migration": hv.get("dedup_migration_steps") or [],
             "etl": hv.get("dedup_etl_report"),
             "region": regions.dedup_region_name(h, groups),

@@ -212,6 +212,20 @@ def test_report_databases_lists_the_planned_hosts_with_their_outcome():
                    "smoke": None}
 
 
+def test_report_databases_summarise_the_tables_when_validation_did_not_run():
+    """Nothing to do: the validate role is skipped, the report shows the tables as preflight found them."""
+    hostvars = {
+        "db1": {"preflight_plan": PLAN | {"server": {"database_size": 100}}, "preflight_deploy_id": "r1",
+                "preflight_work": False,
+                "preflight_before": {"tables": [{"table": "a", "total_rows": 10, "duplicate_rows": 0}]}},
+        "db2": {},
+        "etl1": {},
+    }
+    (db,) = report.dedup_report_databases(GROUPS, hostvars, DEFAULTS, False)
+    assert db["tables"] == report.dedup_table_summary(hostvars["db1"]["preflight_before"], PLAN)
+    assert db["tables"][0]["rows_after"] == 10 and db["tables"][0]["removed"] == 0
+
+
 def test_rollback_hosts_are_those_that_looked_for_a_deploy():
     hostvars = {
         "db1": {"restore_target": {"run_id": "r1", "status": "succeeded", "dump_path": "/b/x.dump"},
