@@ -32,7 +32,7 @@ display = Display()
 ASYNC_KEYS = ("ansible_job_id", "started", "finished", "results_file", "stdout", "stderr", "stdout_lines",
               "stderr_lines", "erased")
 FRAGMENT = Path(__file__).resolve().parents[1] / "doc_fragments" / "dedup_pg.py"
-DEFAULTS = {"dedup_progress_interval": 10, "dedup_progress_min_size": "100MB", "dedup_progress_min_rows": 1000000,
+DEFAULTS = {"dedup_progress_interval": 10, "dedup_progress_min_size": "1GB", "dedup_progress_min_rows": 1000000,
             "dedup_progress_timeout": 86400}
 
 

@@ -34,7 +34,7 @@ def test_the_size_after_this_runs_deduplication_counts_not_the_plans():
     applied = {"results": [{"schema": "s", "table": "big", "changed": True, "size_after": 40 * MB}]}
     assert plan({"preflight_plan": PLAN, "migrate__applied": applied}) is None
     # still big after it: background
-    applied["results"][0]["size_after"] = 300 * MB
+    applied["results"][0]["size_after"] = 1536 * MB
     assert plan({"preflight_plan": PLAN, "migrate__applied": applied}) is not None
     # a table left as it was (no duplicates) keeps the plan's size
     applied["results"][0].update(changed=False, size_after=1)
