@@ -69,6 +69,13 @@ options:
         see the table (a DBA who knows every downstream consumer handles TRUNCATE followed by the re-inserted rows).
     type: bool
     default: false
+  wait_for_idle:
+    description:
+      - When other dedup-rollout sessions are still working in the database (a killed play's migration goes on until
+        its transaction ends), return them in C(busy_sessions) and make no plan (their locks could hold the plan's
+        reads); the task retries until they are gone. Without it the plan is made and the sessions only reported.
+    type: bool
+    default: false
 notes:
   - Tables referenced by another table's foreign key and tables in an inheritance tree are refused with a clear
     message (removing rows there would cascade or mix other tables in).
@@ -92,6 +99,14 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+busy_sessions:
+  description:
+    - Other dedup-rollout sessions still working in the database (pid, application, state, xact_seconds, query),
+      e.g. the migration of a killed play. With C(wait_for_idle) and any of them there, nothing else is returned
+      (no plan is made); retry the task until this list is empty.
+  returned: always
+  type: list
+  elements: dict
 deploy_id:
   description: The run id of this deploy (an unfinished one's when resuming).
   returned: always
@@ -134,6 +149,7 @@ from ansible.module_utils.dedup_ledger import STARTED_AT_TEXT, Ledger
 from ansible.module_utils.dedup_locks import lock_sessions
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
+    busy_sessions,
     check_columns,
     connect,
     error_text,
@@ -434,6 +450,7 @@ def main():
         mode=dict(type="str", default="offline", choices=["offline", "online"]),
         check_neighbours=dict(type="bool", default=False),
         allow_truncate_replication=dict(type="bool", default=False),
+        wait_for_idle=dict(type="bool", default=False),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     p = module.params
@@ -445,6 +462,16 @@ def main():
         validate_identifier(p["backup_schema"], "backup schema", module)
         conn = connect(module, autocommit=False, readonly=True)
         cur = conn.cursor()
+        stage = "sessions"
+        busy = busy_sessions(cur)
+        if busy and p["wait_for_idle"]:
+            # An interrupted run's statement may hold the tables' locks until its transaction ends: no plan now.
+            conn.rollback()
+            conn.close()
+            module.exit_json(changed=False, busy_sessions=busy, deploy_id=None, resumed=False, server=None,
+                             ledger=None, tables=[], slots=[], slots_unknown=False,
+                             msg="%d session(s) of an interrupted dedup-rollout run still working: no plan yet"
+                                 % len(busy))
         stage = "server"
         server = _server(cur)
         server["dump_unreadable"] = dump_unreadable_of(cur, p["backup_schema"])
@@ -474,8 +501,8 @@ def main():
             module.warn(w)
         if refuse:
             module.fail_json(msg="Nothing was changed: " + " | ".join(refuse), refusals=refuse)
-    module.exit_json(changed=False, deploy_id=deploy_id, resumed=resumed, server=server, ledger=ledger,
-                     tables=tables, slots=slots, slots_unknown=slots_unknown)
+    module.exit_json(changed=False, busy_sessions=busy, deploy_id=deploy_id, resumed=resumed, server=server,
+                     ledger=ledger, tables=tables, slots=slots, slots_unknown=slots_unknown)
 
 
 if __name__ == "__main__":

@@ -89,23 +89,12 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.dedup_ledger import Ledger, changed, jsonable
 from ansible.module_utils.dedup_pg import (
     DedupPgError,
+    busy_sessions,
     connect,
     error_text,
     pg_common_argument_spec,
     validate_identifier,
 )
-
-
-def busy_sessions(cur):
-    """Other dedup-rollout sessions still working in this database (e.g. the migration of a killed play)."""
-    cur.execute(
-        "SELECT pid, application_name, state, extract(epoch FROM now() - xact_start)::int, "
-        "left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 120) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE 'dedup-rollout/%%' "
-        "AND application_name NOT LIKE 'dedup-rollout/lock%%' AND state IS DISTINCT FROM 'idle' ORDER BY 1"
-    )
-    return [{"pid": r[0], "application": r[1], "state": r[2], "xact_seconds": r[3], "query": r[4]}
-            for r in cur.fetchall()]
 
 
 def do_read(cur, ledger, run_id):

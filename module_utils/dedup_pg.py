@@ -63,6 +63,20 @@ def run_lock_app_name(run_id):
     return ("%slock run=%s" % (APP_PREFIX, run_id))[:63]
 
 
+def busy_sessions(cur):
+    """Other dedup-rollout sessions still working in this database (e.g. the migration of a killed play, which goes
+    on until its transaction ends); the run lock's holder does not count. One dict each: pid, application, state,
+    xact_seconds, query (its first 120 characters)."""
+    cur.execute(
+        "SELECT pid, application_name, state, extract(epoch FROM now() - xact_start)::int, "
+        "left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 120) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE 'dedup-rollout/%%' "
+        "AND application_name NOT LIKE 'dedup-rollout/lock%%' AND state IS DISTINCT FROM 'idle' ORDER BY 1"
+    )
+    return [{"pid": r[0], "application": r[1], "state": r[2], "xact_seconds": r[3], "query": r[4]}
+            for r in cur.fetchall()]
+
+
 def run_lock_alive(cur, run_id):
     """Whether the pg_run_lock holder of ``run_id`` is still connected (the play that took it is alive)."""
     cur.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE application_name = %s)",
