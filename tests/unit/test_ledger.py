@@ -66,16 +66,18 @@ def test_column_lists_are_those_of_the_schema_file():
 
 
 def test_the_migration_writes_only_ledger_columns_and_in_its_own_transaction():
-    """sql/migrate_table.sql.j2 writes the table's ledger row itself (so the row commits with the rows, and the file
-    stays complete when a DBA applies it with psql -f): its column list must be the ledger's."""
-    text = (REPO / "sql" / "migrate_table.sql.j2").read_text()
-    ledger_step = text.split("-- @step ledger", 1)[1]
-    cols = ledger_step.split("AS r", 1)[1].split(")", 1)[0]
+    """sql/ledger_table_run.sql.j2, the ledger step that sql/migrate_table.sql.j2 includes, writes the table's ledger
+    row inside the migration's transaction (so the row commits with the rows, and the file stays whole when a DBA
+    applies it with psql -f): its column list must be the ledger's, and the migration's last step before COMMIT."""
+    step = (REPO / "sql" / "ledger_table_run.sql.j2").read_text().split("-- @step ledger", 1)[1]
+    cols = step.split("AS r", 1)[1].split(")", 1)[0]
     written = [c.strip() for c in cols.replace("(", "").split(",")]
     assert written and set(written) <= set(ledger_mod.TABLE_COLUMNS), set(written) - set(ledger_mod.TABLE_COLUMNS)
-    updated = re.findall(r"^\s+([a-z_]+) = ", ledger_step.split("DO UPDATE", 1)[1], re.M)
+    updated = re.findall(r"^\s+([a-z_]+) = ", step.split("DO UPDATE", 1)[1], re.M)
     assert updated and set(updated) <= set(ledger_mod.TABLE_COLUMNS)
-    assert ledger_step.rstrip().endswith("COMMIT;")
+    migration = (REPO / "sql" / "migrate_table.sql.j2").read_text()
+    assert migration.rstrip().endswith("{% include 'ledger_table_run.sql.j2' %}{{ '\\n' }}COMMIT;")
+    assert "table_runs" not in migration
 
 
 def test_schema_name_is_validated():
