@@ -96,6 +96,14 @@ def lock_key(name, dbname):
     return int.from_bytes(hashlib.sha256(("%s/%s" % (name, dbname)).encode()).digest()[:8], "big", signed=True)
 
 
+def pidfile_name(name, kw, dbname):
+    """The holder's pid file: one per lock AND server. The advisory lock is per database already, but several
+    regions' databases of the same name on different servers may be locked from one machine (db hosts that
+    reach their servers through login_host): a release must never stop another server's holder."""
+    where = "%s/%s/%s/%s" % (name, kw.get("host") or "", kw.get("port") or "", dbname)
+    return "lock-%s.pid" % hashlib.sha256(where.encode()).hexdigest()[:16]
+
+
 def proc_info(pid):
     """(parent pid, start time in clock ticks, comm, command line) of ``pid``, None when it is gone."""
     try:
@@ -229,7 +237,7 @@ def main():
     key = lock_key(p["name"], dbname)
     state_dir = os.path.expanduser(p["state_dir"])
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    pidfile = os.path.join(state_dir, "lock-%x.pid" % (key & 0xFFFFFFFFFFFFFFFF))
+    pidfile = os.path.join(state_dir, pidfile_name(p["name"], kw, dbname))
     if p["state"] == "released":
         try:
             pid = int(open(pidfile).read().strip())
