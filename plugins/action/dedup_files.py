@@ -2,7 +2,8 @@
 loaded by path by plugins/action/dedup_render_sql.py and plugins/action/dedup_write_report.py).
 
 ``make_private_dirs(path)``  creates ``path`` and every missing parent 0700 (os.makedirs would give the parents the
-                             umask's mode, 0755: the report directory must not be readable by others);
+                             umask's mode, 0755: the report directory must not be readable by others); safe when
+                             several hosts of one run (forks) create the same parents at once;
 ``write_if_changed(path, text)``  writes ``text`` 0600, atomically (a temporary file renamed over the old one),
                              unless the file holds exactly that already; True when it wrote.
 """
@@ -23,7 +24,13 @@ def make_private_dirs(path: str) -> None:
             break
         path = parent
     for d in reversed(missing):
-        os.mkdir(d, 0o700)
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            # Another host of the same run (forks) made it between the look and the mkdir: theirs is 0700 too.
+            if not os.path.isdir(d):
+                raise
+            continue
         os.chmod(d, 0o700)
 
 

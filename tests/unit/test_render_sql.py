@@ -22,6 +22,42 @@ def test_directories_it_creates_are_owner_only(tmp_path):
     render.make_private_dirs(str(target))  # exists: nothing to do
 
 
+def test_hosts_of_one_run_may_create_the_same_parents_at_once(tmp_path):
+    # deploy_dedup.yml renders every region's SQL at once (forks): four hosts create reports/<env>/<run>/ together.
+    # One of them used to fail with "[Errno 17] File exists" and its region stopped before its migration.
+    import threading
+
+    for attempt in range(30):
+        root = tmp_path / str(attempt)
+        start, errors = threading.Barrier(8), []
+
+        def make(host, root=root, start=start, errors=errors):
+            start.wait()
+            try:
+                render.make_private_dirs(str(root / "reports" / "env" / "run" / host / "sql"))
+            except OSError as exc:  # pragma: no cover - the failure this test is about
+                errors.append(exc)
+
+        threads = [threading.Thread(target=make, args=(f"db-{i}",)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert all((root / "reports" / "env" / "run" / f"db-{i}" / "sql").is_dir() for i in range(8))
+        assert os.stat(root / "reports").st_mode & 0o777 == 0o700
+
+
+def test_a_path_that_is_a_file_is_still_refused(tmp_path):
+    (tmp_path / "reports").write_text("not a directory")
+    try:
+        render.make_private_dirs(str(tmp_path / "reports" / "run"))
+    except OSError:
+        pass
+    else:  # pragma: no cover
+        raise AssertionError("a file in the way must not be taken for a directory")
+
+
 def test_a_file_is_written_only_when_its_text_changes(tmp_path):
     path = str(tmp_path / "01_t.sql")
     assert render.write_if_changed(path, "SELECT 1;\n") is True
