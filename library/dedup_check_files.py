@@ -226,10 +226,16 @@ class Files:
             missing.append(cur)
             cur = os.path.dirname(cur)
         for d in reversed(missing):
-            self.changes.append("directory %s [new, %04o]" % (d, mode))
             if not self.check:
-                os.mkdir(d, 0o700)
+                try:
+                    os.mkdir(d, 0o700)
+                except FileExistsError:
+                    # Another region's check on this machine (forks) made it meanwhile.
+                    if not os.path.isdir(d):
+                        raise
+                    continue
                 os.chmod(d, mode)
+            self.changes.append("directory %s [new, %04o]" % (d, mode))
         if not missing and stat.S_IMODE(os.stat(path).st_mode) != mode:
             self.changes.append("mode of directory %s %04o -> %04o" % (path, stat.S_IMODE(os.stat(path).st_mode), mode))
             if not self.check:

@@ -270,7 +270,7 @@ class DumpBackup:
             return dict(out, changed=True, msg="; ".join(parts))
         directory = os.path.dirname(self.final)
         if not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o700)
+            os.makedirs(directory, mode=0o700, exist_ok=True)  # another region's dump may make it meanwhile
         for leftover in leftovers:
             remove(leftover)
         if leftovers:
