@@ -36,7 +36,9 @@ options:
     type: str
     default: ''
   state_dir:
-    description: Directory (owner-only) where the holder keeps its pid file.
+    description:
+      - Directory (owner-only) where the holder keeps its pid file, one per lock name, server (host, port) and
+        database, which C(state=released) reads to stop that holder and no other.
     type: path
     default: ~/.cache/dedup-rollout
   max_seconds:
