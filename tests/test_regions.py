@@ -191,6 +191,10 @@ def test_one_region_failing_mid_migration_stops_alone_and_the_report_lists_every
         assert [(run[2], run[3]) for run in r.ledger_runs() if run[1] == "deploy"] == [
             ("succeeded", Path(r.lab.current_release()).name)], r.name
         assert res.recap[r.db_host]["failed"] == 0 and res.recap[r.etl_host]["failed"] == 0, res.recap
+        # The regions share the run's deploy id: each region's dump carries its db host, so two same-named
+        # databases dumped on one machine could never share a file.
+        (dump_path,), = r.lab.query("SELECT dump_path FROM dedup_rollout.runs WHERE kind = 'deploy'")
+        assert Path(dump_path).name.startswith(f"{r.lab.dbname}-{r.db_host}-") and Path(dump_path).is_file(), dump_path
     # Partly migrated: the tables before task_photos are done, task_photos has no constraint.
     assert sum(failing.lab.duplicates().values()) < sum(dups_before[FAILING].values())
     assert unique_constrained(failing) == set(failing.lab.tables) - {"task_photos"} - set(
