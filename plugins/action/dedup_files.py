@@ -15,23 +15,14 @@ import tempfile
 
 
 def make_private_dirs(path: str) -> None:
-    """Create ``path`` and every missing parent owner-only (0700)."""
-    missing = []
-    while path and not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            # Another host of the same run (forks) made it between the look and the mkdir: theirs is 0700 too.
-            if not os.path.isdir(d):
-                raise
-            continue
-        os.chmod(d, 0o700)
+    """Create ``path`` and every missing parent owner-only (0700). os.makedirs(exist_ok=True) already accepts a
+    directory another host of the run (forks) makes meanwhile, at every level; the umask gives the parents it
+    creates 0700 too (this worker process runs one task, and gets its umask back)."""
+    old = os.umask(0o077)
+    try:
+        os.makedirs(path, 0o700, exist_ok=True)
+    finally:
+        os.umask(old)
 
 
 def write_if_changed(path: str, text: str) -> bool:
